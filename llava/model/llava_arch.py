@@ -1,0 +1,189 @@
+"""LLaVA's multimodal mixins, Qwen only: the vision tower + projector, and the sequence layout.
+
+Design choices:
+- `input_ids` keep LLaVA's contract: one `IMAGE_TOKEN_INDEX` per image. `prepare_inputs_labels_for_multimodal`
+  expands each to N_v positions once, places the projected features with `masked_scatter` behind a count
+  check, and carries the token-type map (`TokenType`) and a `source_index` back to `input_ids` along, so
+  every later stage (losses, masks, hooks) indexes this layout and never rebuilds it.
+- Each row keeps its padding side (a row whose first position is padding is left-padded), so training
+  (right padding) and batched generation (left padding) share one code path; position ids follow the mask.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TokenType
+
+from .multimodal_encoder.builder import build_vision_tower
+from .multimodal_projector.builder import build_vision_projector
+
+
+class MultimodalInputs(NamedTuple):
+    """Output of `prepare_inputs_labels_for_multimodal`; all [B, T'] tensors share the expanded layout."""
+
+    input_ids: None
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    past_key_values: object
+    inputs_embeds: torch.Tensor
+    labels: torch.Tensor | None
+    token_types: torch.Tensor | None
+    source_index: torch.Tensor | None
+
+
+class LlavaMetaModel:
+    """Mixin for the base model (`LlavaQwenModel`): owns `vision_tower` and `mm_projector`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "mm_vision_tower", None):
+            self.vision_tower = build_vision_tower(config)
+            self.mm_projector = build_vision_projector(
+                config.mm_projector_type, config.mm_hidden_size, config.hidden_size
+            )
+
+    def get_vision_tower(self):
+        return getattr(self, "vision_tower", None)
+
+    def initialize_vision_modules(self, model_args) -> None:
+        """Attach a SigLIP tower (weights from a local dir) and a fresh or pretrained projector (LLaVA's API)."""
+        from .multimodal_encoder.builder import resolve_vision_config
+
+        config = self.config
+        config.mm_vision_tower = model_args.vision_tower
+        config.mm_vision_select_layer = model_args.mm_vision_select_layer
+        config.mm_vision_select_feature = model_args.mm_vision_select_feature
+        config.mm_projector_type = model_args.mm_projector_type
+        config.mm_vision_config = None
+        vision_config = resolve_vision_config(config)
+        config.mm_vision_config = vision_config.to_dict()
+        config.mm_hidden_size = vision_config.hidden_size
+        if self.get_vision_tower() is None:
+            self.vision_tower = build_vision_tower(config)
+            self.vision_tower.load_pretrained(model_args.vision_tower)
+        if getattr(self, "mm_projector", None) is None:
+            self.mm_projector = build_vision_projector(
+                config.mm_projector_type, config.mm_hidden_size, config.hidden_size
+            )
+        device, dtype = self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
+        self.vision_tower.to(device=device, dtype=dtype)
+        self.mm_projector.to(device=device, dtype=dtype)
+        if model_args.pretrain_mm_mlp_adapter:
+            load_projector_weights(self.mm_projector, model_args.pretrain_mm_mlp_adapter)
+
+
+def load_projector_weights(projector: nn.Module, path: str) -> None:
+    """Load `mm_projector.bin` / `.safetensors` saved by the pretrain stage (keys `...mm_projector.*`)."""
+    from llava.model.checkpoint import read_state_dict, rename_key
+
+    state = {rename_key(k): v for k, v in read_state_dict(path).items()}
+    proj = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+    if not proj:
+        raise ValueError(f"{path} holds no mm_projector weights (keys: {list(state)[:5]})")
+    projector.load_state_dict(proj, strict=True)
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for the causal LM: image encoding and the multimodal sequence layout."""
+
+    def get_model(self):
+        return self.model
+
+    def get_vision_tower(self):
+        return self.get_model().get_vision_tower()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.get_vision_tower().num_patches
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [n, 3, H, W] -> projected visual embeddings [n, N_v, hidden]."""
+        features = self.get_vision_tower()(images)
+        return self.get_model().mm_projector(features)
+
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values,
+        labels: torch.Tensor | None,
+        images: torch.Tensor | None,
+        image_sizes=None,
+        token_types: torch.Tensor | None = None,
+    ) -> MultimodalInputs:
+        """Splice visual embeddings into the text embeddings (see the module docstring for the layout)."""
+        embed = self.get_model().embed_tokens
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        if token_types is None:
+            token_types = default_token_types(input_ids, attention_mask, labels)
+        if images is None or not bool(is_image.any()):
+            if bool(is_image.any()):
+                raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no images were given")
+            inputs_embeds = embed(input_ids)
+            source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            return MultimodalInputs(
+                None, position_ids, attention_mask, past_key_values, inputs_embeds, labels, token_types, source
+            )
+
+        features = self.encode_images(images)  # (n_img, N_v, H)
+        if features.shape[0] != int(is_image.sum()):
+            raise ValueError(
+                f"Number of images ({features.shape[0]}) does not match the number of image tokens "
+                f"({int(is_image.sum())}) in input_ids"
+            )
+        source = expand_source_index(is_image, attention_mask, features.shape[1])  # (B, T')
+        valid = source >= 0
+        gather = source.clamp(min=0)
+        ids = torch.where(valid, input_ids.gather(1, gather), 0)
+        mask = torch.where(valid, attention_mask.gather(1, gather), 0)
+        types = torch.where(valid, token_types.gather(1, gather), int(TokenType.PAD))
+        visual = ids == IMAGE_TOKEN_INDEX
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.where(valid & ~visual, labels.gather(1, gather), IGNORE_INDEX)
+        inputs_embeds = embed(torch.where(visual, 0, ids))
+        flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(visual.unsqueeze(-1), flat)
+        new_position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return MultimodalInputs(
+            None, new_position_ids, mask, past_key_values, inputs_embeds, new_labels, types, source
+        )
+
+
+def expand_source_index(is_image: torch.Tensor, attention_mask: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[B, T'] index into the original row for every expanded position, -1 on the padding added here.
+
+    Every image token is repeated `num_patches` times; rows are re-padded on their own padding side.
+    """
+    batch, length = is_image.shape
+    device = is_image.device
+    positions = torch.arange(length, device=device)
+    rows = [torch.repeat_interleave(positions, torch.where(is_image[b], num_patches, 1)) for b in range(batch)]
+    width = max(len(r) for r in rows)
+    source = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        left_padded = bool(attention_mask[b, 0] == 0)
+        if left_padded:
+            source[b, width - len(row) :] = row
+        else:
+            source[b, : len(row)] = row
+    return source
+
+
+def default_token_types(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
+    """Token types when the caller has none: visual, response (from labels), padding, else template."""
+    types = torch.full_like(input_ids, int(TokenType.TEMPLATE))
+    if labels is not None:
+        types[labels != IGNORE_INDEX] = int(TokenType.RESPONSE)
+    types[input_ids == IMAGE_TOKEN_INDEX] = int(TokenType.VISUAL)
+    types[attention_mask == 0] = int(TokenType.PAD)
+    return types

@@ -1,0 +1,72 @@
+"""SigLIP vision tower from transformers (`SiglipVisionModel`), LLaVA's `vision_tower` wrapper around it.
+
+SigLIP has no CLS token: every patch token is a visual token (N_v = (image_size / patch_size)^2).
+`mm_vision_select_layer` picks the hidden state (-2 = penultimate, LLaVA's default) and
+`mm_vision_select_feature` is `patch` (all patches; `cls_patch` is accepted as a synonym for SigLIP).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+
+def load_image_processor(path_or_config: str | SiglipVisionConfig | dict):
+    """SigLIP's PIL image processor (the torchvision-backed one is avoided: see DESIGN.md traps)."""
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:  # older transformers
+        from transformers import SiglipImageProcessor as Processor
+    if isinstance(path_or_config, str) and os.path.isfile(os.path.join(path_or_config, "preprocessor_config.json")):
+        return Processor.from_pretrained(path_or_config)
+    cfg = path_or_config if isinstance(path_or_config, SiglipVisionConfig) else SiglipVisionConfig(**path_or_config)
+    size = cfg.image_size
+    return Processor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+class SiglipVisionTower(nn.Module):
+    """Wraps `SiglipVisionModel` so its weights live at `vision_tower.vision_model.*` (LLaVA's layout)."""
+
+    def __init__(self, vision_config: SiglipVisionConfig, select_layer: int = -2, select_feature: str = "patch"):
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        self.vision_tower = SiglipVisionModel(vision_config)
+        self.vision_tower.requires_grad_(False)
+
+    @property
+    def config(self) -> SiglipVisionConfig:
+        return self.vision_tower.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config.image_size // self.config.patch_size) ** 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vision_tower.parameters()).device
+
+    def load_pretrained(self, path: str) -> None:
+        """Load SigLIP weights from a local directory holding a SigLIP (or full SigLIP) checkpoint."""
+        loaded = SiglipVisionModel.from_pretrained(path, dtype=self.dtype)
+        missing, unexpected = self.vision_tower.load_state_dict(loaded.state_dict(), strict=False)
+        if missing:
+            raise ValueError(f"Vision tower at {path} lacks weights: {missing[:5]}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [n, 3, H, W] -> features [n, N_v, mm_hidden_size]."""
+        out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.select_layer]

@@ -1,0 +1,71 @@
+"""Typed arguments of the training entry (LLaVA's names); the distillation entry extends them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "LLM (Qwen2/Qwen3) or LLaVA-Qwen checkpoint dir"})
+    version: str = field(default="qwen_2", metadata={"help": "Conversation template: qwen_2, qwen_3 or plain"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (projector still trains)"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Pretrain stage: train only the projector"})
+    tune_vision_tower: bool = field(
+        default=False, metadata={"help": "Also train the vision tower (the tiny preset trains its SigLIP this way)"}
+    )
+    vision_tower: str | None = field(default=None, metadata={"help": "Local SigLIP checkpoint dir"})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision hidden state to use (-2: penultimate)"})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Projector from the pretrain stage"})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlp2x_gelu"})
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (SigLIP has no CLS token)"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+
+    def __post_init__(self):
+        if self.model_name_or_path is None:
+            raise ValueError("--model_name_or_path is required")
+        if self.version not in ("qwen_2", "qwen_3", "plain"):
+            raise ValueError(f"--version must be qwen_2, qwen_3 or plain, got {self.version!r}")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"--attn_implementation must be sdpa, eager or flash_attention_2, got {self.attn_implementation!r}")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default=None, metadata={"help": "LLaVA conversation JSON (or JSONL)"})
+    lazy_preprocess: bool = True
+    is_multimodal: bool = False
+    image_folder: str | None = field(default=None, metadata={"help": "Root of the images named in the data"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or square"})
+
+    def __post_init__(self):
+        if self.data_path is None:
+            raise ValueError("--data_path is required")
+        if self.image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio!r}")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "Max sequence length, visual tokens included"})
+    freeze_mm_mlp_adapter: bool = False
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "Separate learning rate for the projector"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "Batches of one modality each"})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = "none"
+    remove_unused_columns: bool = False
+    skip_log_limit: int = field(default=20, metadata={"help": "Skipped samples logged one by one before going quiet"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model_max_length < 16:
+            raise ValueError(f"--model_max_length must be >= 16, got {self.model_max_length}")
+        if self.lora_enable and self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1, got {self.lora_r}")

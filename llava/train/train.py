@@ -1,0 +1,126 @@
+"""LLaVA training entry (pretrain and finetune stages): parse, build, wrap, train, save.
+
+    python -m llava.train.train --model_name_or_path LLM --version qwen_2 --data_path D.json
+        --image_folder IMGS --vision_tower SIGLIP [--tune_mm_mlp_adapter True] --output_dir OUT ...
+
+The pretrain stage (`--tune_mm_mlp_adapter True`) saves the projector (`mm_projector.safetensors`), the
+finetune stage a full checkpoint; both resume from the newest complete `checkpoint-N` in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer
+
+from llava.model import llava_class_for
+from llava.model.checkpoint import KEY_RENAMES
+from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
+from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
+from llava.train.data import make_supervised_data_module
+from llava.train.llava_trainer import LLaVATrainer, atomic_save, last_complete_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def training_dtype(args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def build_model(model_args: ModelArguments, training_args: TrainingArguments):
+    """LLM (or LLaVA-Qwen checkpoint) -> LLaVA-Qwen model with vision tower and projector attached."""
+    path = model_args.model_name_or_path
+    cls = llava_class_for(AutoConfig.from_pretrained(path).model_type)
+    model = cls.from_pretrained(
+        path,
+        dtype=training_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+        key_mapping=KEY_RENAMES,
+    )
+    model.config.use_cache = False
+    if model_args.vision_tower:
+        model.get_model().initialize_vision_modules(model_args)
+    elif model.get_vision_tower() is None:
+        raise ValueError(f"{path} has no vision tower: pass --vision_tower (a local SigLIP checkpoint dir)")
+    return model
+
+
+def set_trainable(model, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Pretrain: projector only. Finetune: LLM + projector. The vision tower stays frozen unless asked."""
+    model.requires_grad_(not model_args.freeze_backbone)
+    model.get_model().mm_projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
+    if model_args.tune_mm_mlp_adapter:
+        model.requires_grad_(False)
+        model.get_model().mm_projector.requires_grad_(True)
+    model.get_vision_tower().requires_grad_(model_args.tune_vision_tower)
+    if training_args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+
+def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments, model):
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right"
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"Tokenizer has {len(tokenizer)} tokens but {model_args.model_name_or_path} has {rows} rows")
+    return tokenizer
+
+
+def record_config(model, model_args, data_args, training_args) -> None:
+    """What inference needs to rebuild the inputs exactly as in training."""
+    model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    model.config.tokenizer_padding_side = "right"
+    model.config.tokenizer_model_max_length = training_args.model_max_length
+    model.config.conv_template = model_args.version if model_args.version != "plain" else None
+
+
+def save_model(trainer: LLaVATrainer, model_args, tokenizer, image_processor) -> None:
+    """Pretrain stage: the projector (+config). Finetune: full checkpoint + tokenizer + image processor."""
+    out = trainer.args.output_dir
+    model = trainer.model
+    if not trainer.is_world_process_zero():
+        trainer.save_model(out)  # ZeRO-3 gathers across ranks inside
+        return
+
+    def write(tmp: str) -> None:
+        if model_args.tune_mm_mlp_adapter:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "mm_projector" in k}
+            save_file(state, os.path.join(tmp, "mm_projector.safetensors"), metadata={"format": "pt"})
+            model.config.save_pretrained(tmp)
+        else:
+            trainer.save_model(tmp)
+            tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+
+    atomic_save(write, out)
+
+
+def train() -> None:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+
+    model = build_model(model_args, training_args)
+    set_trainable(model, model_args, training_args)
+    tokenizer = build_tokenizer(model_args, training_args, model)
+    image_processor = load_image_processor(model_args.vision_tower or model.get_vision_tower().config)
+    record_config(model, model_args, data_args, training_args)
+    data_module = make_supervised_data_module(
+        tokenizer, data_args, training_args, image_processor, model.num_image_tokens, model_args.version
+    )
+    trainer = LLaVATrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(training_args.output_dir))
+    trainer.save_state()
+    save_model(trainer, model_args, tokenizer, image_processor)
+
+
+if __name__ == "__main__":
+    train()
