@@ -62,8 +62,15 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = "none"
     remove_unused_columns: bool = False
     skip_log_limit: int = field(default=20, metadata={"help": "Skipped samples logged one by one before going quiet"})
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "LLaVA scripts' flag (removed in transformers 5): sets warmup_steps to it"}
+    )
 
     def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
         super().__post_init__()
         if self.model_max_length < 16:
             raise ValueError(f"--model_max_length must be >= 16, got {self.model_max_length}")

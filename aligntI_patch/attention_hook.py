@@ -1,0 +1,215 @@
+"""Scoped capture of one decoder layer's attention rows for selected queries (input to Eq. 3 and Eq. 4).
+
+Design choices:
+- `sdpa` (and flash / flex) never return attention weights, and switching a 7B teacher to eager with
+  `output_attentions=True` would materialise [B, heads, T, T] at every layer. Instead a forward
+  pre-hook on `layer.self_attn` reads the layer's own inputs (hidden_states, position_embeddings,
+  attention_mask) and recomputes softmax(q k^T * scaling + mask) for the selected query rows only:
+  q/k projections, Qwen3's q_norm/k_norm when the module has them, RoPE, GQA repeat, scaling, mask.
+  The layer itself then runs unchanged with whatever `config._attn_implementation` says.
+- The mask the module receives is used as given: a 4D bool mask (True = attend, sdpa), a 4D additive
+  float mask (eager), a 2D padding mask (flash attention) or None (sdpa's `is_causal` fast path, i.e. no
+  padding), in which case causality is rebuilt from sequence indices.
+- Scores and softmax are computed in float32 whatever the model dtype (like eager's softmax), and the
+  result is always detached: it serves as importance weights (teacher, or student for Tab. 8), never
+  as something to backpropagate through.
+- One forward per context: the hooked layer running twice inside one context raises, so a capture can
+  never silently mix two passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionCapture", "capture_attention", "decoder_layers", "rotary_rows"]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers CausalLM (`model.model.layers`) or base model (`model.layers`)."""
+    if hasattr(model, "layers"):
+        return model.layers
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return inner.layers
+    raise TypeError(
+        f"cannot find decoder layers on {type(model).__name__} (expected .model.layers or .layers)"
+    )
+
+
+def rotary_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as in transformers' `apply_rotary_pos_emb`: x (B, h, n, D), cos/sin (B, n, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, n, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttentionCapture:
+    """Attention rows captured inside `capture_attention`, filled when the hooked layer runs.
+
+    Attributes:
+        layers: the hooked layer indices, in the order given.
+        query_index: (B, Q_max) long, sequence index of each selected query (0 on padding slots).
+        query_valid: (B, Q_max) bool, which query slots are real (sample b has query_mask[b].sum() of them).
+        rows: layer -> float32 rows, (B, heads, Q_max, T) or (B, Q_max, T) with `average_heads`;
+            rows of padding slots are zero; row u of sample b is softmax over all T keys of query
+            query_index[b, u] (so masked keys get 0).
+    """
+
+    layers: list[int]
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def attn(self) -> torch.Tensor:
+        """The rows of the single hooked layer (see `rows` for several)."""
+        if len(self.layers) != 1:
+            raise ValueError(f"{len(self.layers)} layers were captured; read .rows[layer] instead of .attn")
+        layer = self.layers[0]
+        if layer not in self.rows:
+            raise RuntimeError(f"layer {layer} did not run inside the capture_attention context")
+        return self.rows[layer]
+
+
+def _select_queries(query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) bool -> query_index (B, Q_max) in increasing sequence order, query_valid (B, Q_max)."""
+    counts = query_mask.sum(dim=1)  # (B,)
+    q_max = int(counts.max().item()) if query_mask.numel() else 0
+    # Stable sort puts the selected positions first, in sequence order.
+    order = torch.sort((~query_mask).to(torch.int8), dim=1, stable=True).indices[:, :q_max]  # (B, Q_max)
+    valid = torch.arange(q_max, device=query_mask.device)[None, :] < counts[:, None]  # (B, Q_max)
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def _additive_mask(
+    mask: torch.Tensor | None, query_index: torch.Tensor, t_k: int, sliding_window: int | None
+) -> torch.Tensor:
+    """Additive float32 mask (B, 1|h, Q_max, T_k) for the selected queries, from what the layer received."""
+    neg = torch.finfo(torch.float32).min
+    device = query_index.device
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"unsupported attention mask type {type(mask).__name__} (flex BlockMask?): use sdpa or eager"
+        )
+    if mask is None or mask.dim() == 2:
+        # No mask (sdpa is_causal, no padding) or a 2D padding mask (flash): causal on sequence indices.
+        keys = torch.arange(t_k, device=device)
+        allowed = keys[None, None, :] <= query_index[:, :, None]  # (B, Q_max, T_k)
+        if sliding_window is not None:
+            allowed &= keys[None, None, :] > query_index[:, :, None] - sliding_window
+        if mask is not None:
+            allowed &= mask[:, None, :t_k].bool()
+        return torch.where(allowed, 0.0, neg)[:, None]  # (B, 1, Q_max, T_k)
+    if mask.dim() != 4:
+        raise TypeError(f"unsupported attention mask of shape {tuple(mask.shape)} (expected 2D, 4D or None)")
+    mask = mask[..., :t_k]  # static caches may hand a longer key axis
+    batch, heads = query_index.shape[0], mask.shape[1]
+    index = query_index[:, None, :, None].expand(batch, heads, -1, t_k)  # (B, h, Q_max, T_k)
+    picked = torch.gather(mask.expand(batch, heads, -1, t_k), 2, index)
+    if picked.dtype == torch.bool:
+        return torch.where(picked, 0.0, neg)
+    # Additive float mask: clamp so finfo.min of a half dtype stays a large negative in float32.
+    return picked.float().clamp(min=neg)
+
+
+def _attention_rows(
+    attn: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    query_index: torch.Tensor,
+    query_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax rows (B, heads, Q_max, T) of `attn` (a Qwen2/Qwen3 attention module) for the selected queries."""
+    batch, t, _ = hidden.shape
+    head_dim = attn.head_dim
+    hid_q = torch.gather(hidden, 1, query_index[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, Q, H)
+    q = attn.q_proj(hid_q).view(batch, query_index.shape[1], -1, head_dim)  # (B, Q, nh, D)
+    k = attn.k_proj(hidden).view(batch, t, -1, head_dim)  # (B, T, nkv, D)
+    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, Q, D), (B, nkv, T, D)
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)  # (B, T, D)
+    rows_index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
+    q = rotary_rows(q, torch.gather(cos, 1, rows_index), torch.gather(sin, 1, rows_index))
+    k = rotary_rows(k, cos, sin)
+    q, k = q.float(), k.float()
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # GQA: (B, nh, T, D)
+    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # (B, nh, Q, T)
+    scores = scores + _additive_mask(mask, query_index, t, getattr(attn, "sliding_window", None))
+    probs = torch.softmax(scores, dim=-1)
+    return probs * query_valid[:, None, :, None]  # zero the padding slots
+
+
+@contextmanager
+def capture_attention(
+    model: nn.Module,
+    layer: int | Sequence[int],
+    query_mask: torch.Tensor,
+    average_heads: bool = False,
+) -> Iterator[AttentionCapture]:
+    """Record the attention rows of `query_mask`'s positions at `layer` during one forward of `model`.
+
+    Args:
+        model: a transformers Qwen2/Qwen3 CausalLM or base model (or our LLaVA subclasses).
+        layer: decoder layer index (negative counts from the end), or several to capture in one pass.
+        query_mask: (B, T) bool over the sequence the LLM sees (after visual expansion).
+        average_heads: store the mean over heads, (B, Q_max, T), to save memory when many layers are hooked.
+
+    Yields an `AttentionCapture`; its `.attn` / `.rows` are filled once the forward has run. The hook is
+    removed on exit, also when the body raises. Rows are float32 and detached.
+    """
+    layers = decoder_layers(model)
+    wanted = [layer] if isinstance(layer, int) else list(layer)
+    n = len(layers)
+    for idx in wanted:
+        if not -n <= idx < n:
+            raise IndexError(f"layer {idx} out of range for a model with {n} decoder layers")
+    wanted = [idx % n for idx in wanted]
+    query_mask = query_mask.bool()
+    query_index, query_valid = _select_queries(query_mask)
+    capture = AttentionCapture(layers=wanted, query_index=query_index, query_valid=query_valid)
+
+    def make_hook(idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if idx in capture.rows:
+                raise RuntimeError(f"layer {idx} ran twice inside one capture_attention context")
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and cache.get_seq_length(module.layer_idx) > 0:
+                raise RuntimeError("capture_attention needs a forward without past keys (cache is not empty)")
+            if hidden.shape[:2] != query_mask.shape:
+                raise ValueError(
+                    f"query_mask {tuple(query_mask.shape)} does not match the layer input {tuple(hidden.shape[:2])}"
+                )
+            with torch.no_grad():
+                rows = _attention_rows(
+                    module,
+                    hidden,
+                    cos,
+                    sin,
+                    kwargs.get("attention_mask"),
+                    query_index.to(hidden.device),
+                    query_valid.to(hidden.device),
+                )
+            capture.rows[idx] = rows.mean(dim=1) if average_heads else rows
+
+        return hook
+
+    handles = [
+        layers[idx].self_attn.register_forward_pre_hook(make_hook(idx), with_kwargs=True) for idx in wanted
+    ]
+    try:
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,131 @@
+"""GQA accuracy: exact match after a light normalisation, as in LLaVA-1.5's GQA protocol.
+
+LLaVA converts its answers with `scripts/convert_gqa_for_eval.py` (lowercase, strip trailing periods)
+and runs GQA's official `eval.py`, whose accuracy is plain exact match over every question of the
+tier. This module does both steps. Inputs:
+- predictions: LLaVA answers jsonl (`{"question_id", "prompt", "text", ...}` per line) or the
+  converted json (`[{"questionId", "prediction"}, ...]`);
+- questions: GQA's `testdev_balanced_questions.json` (`{qid: {"answer": ..., "types": {...}}}`).
+A question without a prediction counts as wrong and is reported under `missing`, as the official
+script refuses to score an incomplete file. Accuracy per structural type (verify, query, choose,
+logical, compare) is added when the questions carry `types`.
+
+Usage:
+    python -m llava.eval.eval_gqa --question-file testdev_balanced_questions.json \
+        --result-file answers/merge.jsonl [--convert-to testdev_balanced_predictions.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llava.eval.eval_utils import load_json, pct, read_jsonl, report
+
+logger = logging.getLogger(__name__)
+
+
+def normalize_gqa_answer(text: str) -> str:
+    """Lowercase, trim, drop trailing periods ("Yes." -> "yes"): LLaVA's conversion plus trimming."""
+    return text.strip().rstrip(".").strip().lower()
+
+
+def convert_gqa_for_eval(answers: list[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """LLaVA answers -> GQA's submission format `[{"questionId", "prediction"}]` (normalised)."""
+    return [
+        {"questionId": str(a["question_id"]), "prediction": normalize_gqa_answer(a["text"])} for a in answers
+    ]
+
+
+def load_gqa_predictions(path: str | Path) -> dict[str, str]:
+    """Predictions by question id from a LLaVA answers jsonl or a converted `[{"questionId", ...}]` json."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head.isspace():
+            head = f.read(1)
+    if head == "[":  # converted json list
+        return {str(p["questionId"]): p["prediction"] for p in load_json(path)}
+    return {str(a["question_id"]): a["text"] for a in read_jsonl(path)}
+
+
+def gqa_accuracy(
+    predictions: Mapping[str, str], questions: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Exact-match accuracy of `predictions` over every question in `questions`.
+
+    Returns {"accuracy", "correct", "total", "missing", "by_type"}; accuracies are fractions.
+    Predictions for ids absent from `questions` are an error (the wrong question file, most likely).
+    """
+    unknown = [qid for qid in predictions if qid not in questions]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} predictions have no question in the question file, e.g. {unknown[:3]}"
+        )
+    correct, missing = 0, 0
+    type_hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # type -> [correct, total]
+    for qid, question in questions.items():
+        if qid in predictions:
+            hit = normalize_gqa_answer(predictions[qid]) == normalize_gqa_answer(question["answer"])
+        else:
+            hit, missing = False, missing + 1
+        correct += hit
+        structural = question.get("types", {}).get("structural")
+        if structural:
+            type_hits[structural][0] += hit
+            type_hits[structural][1] += 1
+    total = len(questions)
+    if missing:
+        logger.warning("GQA: %d of %d questions have no prediction; counted as wrong", missing, total)
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "correct": correct,
+        "total": total,
+        "missing": missing,
+        "by_type": {t: c / n for t, (c, n) in sorted(type_hits.items())},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--question-file",
+        "--annotation-file",
+        dest="question_file",
+        required=True,
+        help="GQA questions json, e.g. testdev_balanced_questions.json",
+    )
+    parser.add_argument(
+        "--result-file",
+        required=True,
+        help="LLaVA answers jsonl, or converted [{questionId, prediction}] json",
+    )
+    parser.add_argument(
+        "--convert-to",
+        default=None,
+        help="also write the predictions in GQA's submission format to this path",
+    )
+    parser.add_argument("--output-result", default=None, help="write the metrics json here")
+    args = parser.parse_args(argv)
+
+    predictions = load_gqa_predictions(args.result_file)
+    if args.convert_to:
+        converted = [{"questionId": q, "prediction": normalize_gqa_answer(p)} for q, p in predictions.items()]
+        Path(args.convert_to).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.convert_to).write_text(json.dumps(converted), encoding="utf-8")
+    metrics = gqa_accuracy(predictions, load_json(args.question_file))
+    report(metrics, args.output_result)
+    print(f"GQA accuracy: {pct(metrics['accuracy'])}% ({metrics['correct']}/{metrics['total']})")
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
