@@ -39,14 +39,14 @@ def mini_llava(tokenizer, backbone: str = "qwen2", role: str = "student", seed: 
         LlavaQwen3ForCausalLM, LlavaQwen3Config)
     extra = {"head_dim": hidden // 4} if backbone == "qwen3" else {}
     vision = SiglipVisionConfig(**MINI_VISION)
-    config = cfg_cls(
+    fields = dict(
         vocab_size=padded_vocab(len(tokenizer), role), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         mm_vision_tower="mini-siglip", mm_vision_config=vision.to_dict(), mm_hidden_size=vision.hidden_size,
-        tokenizer_model_max_length=256, conv_template="qwen_2" if backbone == "qwen2" else "qwen_3",
-        **extra, **overrides,
+        tokenizer_model_max_length=256, conv_template="qwen_2" if backbone == "qwen2" else "qwen_3", **extra,
     )
+    config = cfg_cls(**{**fields, **overrides})
     return cls(config).eval()
 
 

@@ -117,7 +117,10 @@ def train() -> None:
         tokenizer, data_args, training_args, image_processor, model.num_image_tokens, model_args.version
     )
     trainer = LLaVATrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(training_args.output_dir))
+    resume = last_complete_checkpoint(training_args.output_dir)
+    if resume:
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     save_model(trainer, model_args, tokenizer, image_processor)
 

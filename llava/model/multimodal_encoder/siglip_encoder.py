@@ -11,7 +11,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
 
 def load_image_processor(path_or_config: str | SiglipVisionConfig | dict):
@@ -22,7 +22,13 @@ def load_image_processor(path_or_config: str | SiglipVisionConfig | dict):
         from transformers import SiglipImageProcessor as Processor
     if isinstance(path_or_config, str) and os.path.isfile(os.path.join(path_or_config, "preprocessor_config.json")):
         return Processor.from_pretrained(path_or_config)
-    cfg = path_or_config if isinstance(path_or_config, SiglipVisionConfig) else SiglipVisionConfig(**path_or_config)
+    if isinstance(path_or_config, str):  # a SigLIP dir without preprocessor_config.json
+        loaded = AutoConfig.from_pretrained(path_or_config)
+        cfg = getattr(loaded, "vision_config", loaded)
+    elif isinstance(path_or_config, dict):
+        cfg = SiglipVisionConfig(**path_or_config)
+    else:
+        cfg = path_or_config
     size = cfg.image_size
     return Processor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 

@@ -1,23 +1,24 @@
 #!/bin/bash
-# Tiny-world evaluation (LLaVA's eval-script style): answer the test split with model_vqa_loader,
-# one chunk per visible GPU (one chunk on CPU), merge, then score per question family with eval_tiny.
-#   CKPT=./checkpoints/llava-qwen2-tiny-aligntI bash scripts/v1_5/eval/tiny.sh
-# Env overrides: CKPT (checkpoint folder), MODEL_BASE (for projector-only / LoRA checkpoints),
-# WORLD (tiny world folder), SPLIT (test|val), NAME (table row), CONV_MODE (default: the checkpoint's),
-# BATCH (questions per generate call), DEVICE (cuda|cpu), PYTHON.
+# Tiny-world evaluation, LLaVA's eval-script style: answer the split with model_vqa_loader (greedy, one
+# chunk of the questions per GPU, one chunk on CPU), merge, then score per question family with
+# `python -m llava.eval.eval_tiny` (accuracy per family and overall, as a markdown table).
+# Writes $WORLD/eval/answers/$SPLIT/$NAME/{merge.jsonl,results.json,results.md}.
+#
+# Usage: CKPT=./checkpoints/llava-qwen2-tiny-aligntI bash scripts/v1_5/eval/tiny.sh
+# Env: CKPT (or MODEL_PATH): checkpoint folder; MODEL_BASE: base LLM of a projector-only / LoRA checkpoint;
+#      WORLD: tiny world folder (default playground/tiny/data, made by `python -m llava.tiny.preset prepare`);
+#      SPLIT: test or val; NAME: table row and answers subfolder (default: basename of CKPT);
+#      CONV_MODE (default: the checkpoint's conv_template); BATCH: questions per generate call (default 8);
+#      DEVICE: cuda or cpu (default: cuda when available); GPULIST: comma-separated GPU ids (default:
+#      $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
 set -euo pipefail
 
-CKPT=${CKPT:-./checkpoints/llava-qwen2-tiny-aligntI}
-MODEL_BASE=${MODEL_BASE:-}
+CKPT=${CKPT:-${MODEL_PATH:-./checkpoints/llava-qwen2-tiny-aligntI}}
 WORLD=${WORLD:-playground/tiny/data}
 SPLIT=${SPLIT:-test}
 NAME=${NAME:-$(basename "$CKPT")}
-CONV_MODE=${CONV_MODE:-}
 BATCH=${BATCH:-8}
 PYTHON=${PYTHON:-python}
-if [ -z "${DEVICE:-}" ]; then
-    DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-fi
 
 if [ ! -d "$CKPT" ]; then
     echo "CKPT=$CKPT is not a checkpoint folder: set CKPT" >&2; exit 1
@@ -27,46 +28,40 @@ if [ ! -f "$WORLD/${SPLIT}_questions.jsonl" ]; then
         "'python -m llava.tiny.preset prepare'" >&2; exit 1
 fi
 
-if [ "$DEVICE" = "cuda" ]; then
-    gpu_list="${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)}"
-else
-    gpu_list="cpu"
-fi
-IFS=',' read -ra GPULIST <<< "$gpu_list"
-CHUNKS=${#GPULIST[@]}
-
-ANSWERS=$WORLD/eval/answers/$SPLIT/$NAME
-extra=()
-[ -n "$MODEL_BASE" ] && extra+=(--model-base "$MODEL_BASE")
-[ -n "$CONV_MODE" ] && extra+=(--conv-mode "$CONV_MODE")
+DEVICE=${DEVICE:-$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+if [ "$DEVICE" = "cuda" ]; then GPULIST=${GPULIST:-${CUDA_VISIBLE_DEVICES:-0}}; else GPULIST=cpu; fi
+IFS=',' read -ra GPUS <<< "$GPULIST"
+CHUNKS=${#GPUS[@]}
+ANSWER_DIR=$WORLD/eval/answers/$SPLIT/$NAME
+mkdir -p "$ANSWER_DIR"
 
 pids=()
 for IDX in $(seq 0 $((CHUNKS-1))); do
-    if [ "$DEVICE" = "cuda" ]; then export CUDA_VISIBLE_DEVICES=${GPULIST[$IDX]}; fi
-    "$PYTHON" -m llava.eval.model_vqa_loader \
-        --model-path "$CKPT" \
+    if [ "$DEVICE" = "cuda" ]; then export CUDA_VISIBLE_DEVICES=${GPUS[$IDX]}; fi
+    $PYTHON -m llava.eval.model_vqa_loader \
+        --model-path "$CKPT" ${MODEL_BASE:+--model-base "$MODEL_BASE"} \
         --question-file "$WORLD/${SPLIT}_questions.jsonl" \
         --image-folder "$WORLD/images" \
-        --answers-file "$ANSWERS/${CHUNKS}_${IDX}.jsonl" \
+        --answers-file "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" \
         --num-chunks "$CHUNKS" \
         --chunk-idx "$IDX" \
         --temperature 0 \
         --batch-size "$BATCH" \
         --device "$DEVICE" \
-        ${extra[@]+"${extra[@]}"} &
+        ${CONV_MODE:+--conv-mode "$CONV_MODE"} &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # fail if any chunk failed
+for pid in "${pids[@]}"; do wait "$pid"; done  # stop here if any chunk failed
 
-output_file=$ANSWERS/merge.jsonl
+output_file=$ANSWER_DIR/merge.jsonl
 > "$output_file"
 for IDX in $(seq 0 $((CHUNKS-1))); do
-    cat "$ANSWERS/${CHUNKS}_${IDX}.jsonl" >> "$output_file"
+    cat "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" >> "$output_file"
 done
 
-"$PYTHON" -m llava.eval.eval_tiny \
+$PYTHON -m llava.eval.eval_tiny \
     --question-file "$WORLD/${SPLIT}_questions.jsonl" \
     --answers-file "$output_file" \
     --name "$NAME" \
-    --output-json "$ANSWERS/results.json" \
-    --output-md "$ANSWERS/results.md"
+    --output-json "$ANSWER_DIR/results.json" \
+    --output-md "$ANSWER_DIR/results.md"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Stage 2 (LLaVA finetune, plain SFT): LLM + projector on the instruction mix; saves a full checkpoint.
+#
+# Environment overrides (none set = the built-in tiny preset on CPU; runs pretrain.sh first if needed):
+#   MODEL          LLM checkpoint dir (the same as in pretrain.sh)
+#   PRETRAIN_DIR   output of pretrain.sh (holds mm_projector.safetensors)
+#   VISION_TOWER   SigLIP checkpoint dir
+#   DATA_PATH      instruction data, LLaVA JSON (paper: the 2.4M mix of Table 13; LLaVA-mix-665k for teachers)
+#   IMAGE_FOLDER   image root of DATA_PATH
+#   VERSION        conversation template: qwen_2 (Qwen2) or qwen_3 (Qwen3)
+#   OUTPUT_DIR     default ./checkpoints/llava-qwen-sft
+#   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in pretrain.sh (lr 2e-5, global batch 128)
+source "$(dirname "$0")/common.sh"
+
+if [ -z "${MODEL:-}" ]; then
+    tiny_paths
+    PRETRAIN_DIR="${PRETRAIN_DIR:-$TINY_ROOT/student/$TINY_BACKBONE-pretrain}"
+    OUTPUT_DIR="$PRETRAIN_DIR" bash "$(dirname "$0")/pretrain.sh"
+    # The tiny student's pretrain stage saved a full checkpoint (LLM trained too): start from it.
+    MODEL="$PRETRAIN_DIR"; VISION_TOWER="$TINY_SIGLIP"
+    DATA_PATH="$TINY_WORLD/finetune.json"; IMAGE_FOLDER="$TINY_IMAGES"
+    VERSION="${VERSION:-$([ "$TINY_BACKBONE" = qwen3 ] && echo qwen_3 || echo qwen_2)}"
+    OUTPUT_DIR="${OUTPUT_DIR:-$TINY_ROOT/student/$TINY_BACKBONE-sft}"
+    BATCH="${BATCH:-16}"; LR="${LR:-1e-3}"; MAX_LEN="${MAX_LEN:-256}"
+    STAGE_ARGS=(--logging_steps 20 --save_steps 200 --dataloader_num_workers 1)
+else
+    : "${PRETRAIN_DIR:?set PRETRAIN_DIR to the output dir of pretrain.sh}"
+    STAGE_ARGS=(--pretrain_mm_mlp_adapter "$PRETRAIN_DIR/mm_projector.safetensors" --bf16 True --logging_steps 1
+                --save_steps 2000 --dataloader_num_workers 4 --gradient_checkpointing True
+                --group_by_modality_length True)
+fi
+if [ -f "$OUTPUT_DIR/model.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors.index.json" ]; then
+    echo "[finetune] $OUTPUT_DIR is complete; delete it to train again"; exit 0
+fi
+
+launch llava.train.train \
+    --model_name_or_path "$MODEL" --version "${VERSION:-qwen_2}" \
+    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --vision_tower "$VISION_TOWER" \
+    --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --image_aspect_ratio pad \
+    --output_dir "$OUTPUT_DIR" --num_train_epochs "${EPOCHS:-1}" \
+    --per_device_train_batch_size "${BATCH:-16}" --gradient_accumulation_steps "${GRAD_ACC:-1}" \
+    --learning_rate "${LR:-2e-5}" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
+    --model_max_length "${MAX_LEN:-2048}" --save_strategy steps --save_total_limit 1 --report_to none \
+    "${STAGE_ARGS[@]}"

@@ -1,0 +1,92 @@
+"""Save -> load_pretrained_model -> identical logits, for every checkpoint layout we accept."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.model.builder import load_pretrained_model
+from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+
+
+def _logits(model, tokenizer):
+    ids = torch.tensor([[1] + tokenizer("Hello").input_ids + [IMAGE_TOKEN_INDEX] + tokenizer("red?").input_ids])
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        return model(input_ids=ids, images=images).logits
+
+
+@pytest.mark.parametrize("backbone", ["qwen2", "qwen3"])
+def test_full_checkpoint_roundtrip(tmp_path, tokenizer, backbone):
+    model = mini_llava(tokenizer, backbone)
+    save_mini_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    tok, loaded, processor, context_len = load_pretrained_model(str(tmp_path / "ckpt"), device="cpu")
+    assert type(loaded) is type(model) and len(tok) == len(tokenizer) and context_len == 256
+    assert processor.size["height"] == 32
+    torch.testing.assert_close(_logits(model, tokenizer), _logits(loaded, tokenizer), rtol=0, atol=0)
+
+
+def test_aligntI_layout_loads(tmp_path, tokenizer):
+    """The released Align-TI layout: model.image_tower.vision_tower.vision_model.*, image_spatial_proj."""
+    model = mini_llava(tokenizer)
+    ours = save_mini_checkpoint(model, tokenizer, tmp_path / "ours")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    state = load_file(ours / "model.safetensors")
+    renamed = {}
+    for k, v in state.items():
+        k = k.replace("model.vision_tower.vision_tower.", "model.image_tower.vision_tower.vision_model.")
+        renamed[k.replace("model.mm_projector.", "model.mm_projector.image_spatial_proj.")] = v
+    save_file(renamed, theirs / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((ours / "config.json").read_text())
+    config["mm_image_tower"] = config.pop("mm_vision_tower")
+    config["image_projector_type"] = config.pop("mm_projector_type")
+    config["mm_video_tower"] = None
+    (theirs / "config.json").write_text(json.dumps(config))
+    for f in ours.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "preprocessor")):
+            (theirs / f.name).write_bytes(f.read_bytes())
+    _, loaded, _, _ = load_pretrained_model(str(theirs), device="cpu")
+    torch.testing.assert_close(_logits(model, tokenizer), _logits(loaded, tokenizer), rtol=0, atol=0)
+
+    # a key that maps nowhere is an error naming it
+    renamed["model.mystery_module.weight"] = torch.zeros(2)
+    save_file(renamed, theirs / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="mystery_module"):
+        load_pretrained_model(str(theirs), device="cpu")
+
+
+def test_projector_only_checkpoint_with_model_base(tmp_path, tokenizer):
+    """Pretrain-stage output (config + mm_projector) on top of a base LLM and a SigLIP dir."""
+    from transformers import Qwen2ForCausalLM
+
+    model = mini_llava(tokenizer)
+    base = tmp_path / "base"
+    llm = Qwen2ForCausalLM(model.config)
+    llm.load_state_dict({k: v for k, v in model.state_dict().items() if "vision" not in k and "projector" not in k})
+    llm.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    siglip = tmp_path / "siglip"
+    model.get_vision_tower().vision_tower.save_pretrained(siglip)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    state = {k: v for k, v in model.state_dict().items() if "mm_projector" in k}
+    save_file(state, proj / "mm_projector.safetensors", metadata={"format": "pt"})
+    model.config.mm_vision_tower = str(siglip)
+    model.config.save_pretrained(proj)
+    with pytest.raises(ValueError, match="model-base"):
+        load_pretrained_model(str(proj), device="cpu")
+    _, loaded, _, _ = load_pretrained_model(str(proj), model_base=str(base), device="cpu")
+    torch.testing.assert_close(_logits(model, tokenizer), _logits(loaded, tokenizer), rtol=0, atol=0)
+
+
+def test_missing_path_and_vocab_mismatch(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        load_pretrained_model(str(tmp_path / "nowhere"), device="cpu")
+    model = mini_llava(tokenizer, vocab_size=64)
+    save_mini_checkpoint(model, tokenizer, tmp_path / "small")
+    with pytest.raises(ValueError, match="embedding has 64 rows"):
+        load_pretrained_model(str(tmp_path / "small"), device="cpu")

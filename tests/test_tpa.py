@@ -1,0 +1,398 @@
+"""TPA (paper section 3.2): the parallel candidate pass equals the naive loop; its fast forms stay exact."""
+
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from aligntI_patch import tpa
+from aligntI_patch.tpa import (
+    TPAConfig,
+    appended_pass,
+    cache_available,
+    cached_pass,
+    candidate_rows,
+    dedupe_candidates,
+    gather_positions,
+    response_positions,
+    sample_candidates,
+    sample_candidates_from_hidden,
+    sample_from_logits,
+    tpa_forward,
+    transition_logits,
+)
+from llava.constants import IMAGE_TOKEN_INDEX
+
+V = 96
+
+
+def tiny_lm(family: str, impl: str = "sdpa", seed: int = 0, hidden: int = 32) -> transformers.PreTrainedModel:
+    """A 2-layer Qwen2/Qwen3 with large init, so attention patterns (and mask errors) change the logits."""
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=V,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
+    cfg = transformers.Qwen3Config(head_dim=8, **kw) if family == "qwen3" else transformers.Qwen2Config(**kw)
+    cfg._attn_implementation = impl
+    cls = transformers.Qwen3ForCausalLM if family == "qwen3" else transformers.Qwen2ForCausalLM
+    return cls(cfg).eval()
+
+
+def padded_batch(padding: str, T: int = 8, seed: int = 1):
+    """B=2, one sample padded by 2 (left or right); the last 3 real tokens of each sample are the response."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, V, (2, T), generator=g)
+    attention_mask = torch.ones(2, T, dtype=torch.long)
+    response_mask = torch.zeros(2, T, dtype=torch.bool)
+    if padding == "left":
+        attention_mask[0, :2] = 0
+        response_mask[:, T - 3 :] = True
+    else:
+        attention_mask[1, T - 2 :] = 0
+        response_mask[0, T - 3 :] = True
+        response_mask[1, T - 5 : T - 2] = True
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    return input_ids, attention_mask, response_mask
+
+
+def naive_transition_logits(model, input_ids, attention_mask, response_mask, candidates):
+    """The definition: one plain, unpadded forward per (b, k, u) on prefix + [candidate]."""
+    B, T, d = candidates.shape
+    out = torch.zeros(B, T, d, V)
+    for b in range(B):
+        for k in range(T):
+            if not response_mask[b, k]:
+                continue
+            prefix = input_ids[b, :k][attention_mask[b, :k].bool()]
+            for u in range(d):
+                seq = torch.cat([prefix, candidates[b, k, u : u + 1]])[None]
+                out[b, k, u] = model(input_ids=seq).logits[0, -1]
+    return out
+
+
+@pytest.mark.parametrize("d", [1, 4])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@torch.no_grad()
+def test_transition_logits_equals_naive_loop(family, impl, padding, d):
+    model = tiny_lm(family, impl)
+    input_ids, attention_mask, response_mask = padded_batch(padding)
+    candidates = torch.randint(1, V, (2, input_ids.shape[1], d), generator=torch.Generator().manual_seed(2))
+    fast = transition_logits(model, input_ids, attention_mask, response_mask, candidates)
+    naive = naive_transition_logits(model, input_ids, attention_mask, response_mask, candidates)
+    assert fast.shape == (2, input_ids.shape[1], d, V)
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+    assert fast[~response_mask].abs().max() == 0
+    # the candidate matters: transition logits are not the ground-truth logits at k
+    gt = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (fast[response_mask][:, 0] - gt[response_mask]).abs().max() > 1e-2
+
+
+class MultimodalInputs(NamedTuple):
+    """The fields of the model contract's ``prepare_inputs_labels_for_multimodal`` result."""
+
+    input_ids: None
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    past_key_values: None
+    inputs_embeds: torch.Tensor
+    labels: None
+    token_types: None
+    source_index: torch.Tensor
+
+
+class SplicingQwen2(transformers.Qwen2ForCausalLM):
+    """Stand-in for the LLaVA model: ``images`` are ready features ``[B, N_v, H]`` spliced at the image token."""
+
+    def prepare_inputs_labels_for_multimodal(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, token_types=None
+    ):
+        B, T = input_ids.shape
+        n_v = images.shape[1]
+        embeds, masks, sources = [], [], []
+        for b in range(B):
+            j = int((input_ids[b] == IMAGE_TOKEN_INDEX).nonzero())
+            text = self.get_input_embeddings()(input_ids[b].clamp_min(0))  # (T, H)
+            embeds.append(torch.cat([text[:j], images[b], text[j + 1 :]]))
+            masks.append(torch.cat([attention_mask[b, :j], attention_mask.new_ones(n_v), attention_mask[b, j + 1 :]]))
+            src = torch.arange(T)
+            sources.append(torch.cat([src[:j], src[j].repeat(n_v), src[j + 1 :]]))
+        attn = torch.stack(masks)
+        source_index = torch.stack(sources).masked_fill(attn == 0, -1)
+        pos = (attn.cumsum(1) - 1).clamp_min(0)
+        return MultimodalInputs(None, pos, attn, None, torch.stack(embeds), None, None, source_index)
+
+
+@torch.no_grad()
+def test_transition_logits_maps_multimodal_positions():
+    torch.manual_seed(0)
+    model = SplicingQwen2(tiny_lm("qwen2").config).eval()
+    input_ids, attention_mask, response_mask = padded_batch("left")
+    input_ids[:, 3] = IMAGE_TOKEN_INDEX  # one image per sample, before the response
+    images = torch.randn(2, 5, 32)  # N_v = 5 visual embeddings
+    candidates = torch.randint(1, V, (2, input_ids.shape[1], 2), generator=torch.Generator().manual_seed(2))
+    fast = transition_logits(model, input_ids, attention_mask, response_mask, candidates, images=images)
+    mm = model.prepare_inputs_labels_for_multimodal(input_ids, None, attention_mask, None, None, images)
+    for b, k in response_mask.nonzero().tolist():
+        j = int((mm.source_index[b] == k).nonzero())  # expanded position of k
+        prefix = mm.inputs_embeds[b, :j][mm.attention_mask[b, :j].bool()]
+        for u in range(2):
+            seq = torch.cat([prefix, model.get_input_embeddings()(candidates[b, k, u : u + 1])])[None]
+            torch.testing.assert_close(fast[b, k, u], model(inputs_embeds=seq).logits[0, -1], rtol=0, atol=1e-5)
+    assert fast[~response_mask].abs().max() == 0
+
+
+def embedded(model, padding: str):
+    input_ids, attention_mask, response_mask = padded_batch(padding)
+    embeds, attn, position_ids, _ = tpa._embed(model, input_ids, attention_mask, None)
+    return input_ids, embeds, attn, position_ids, response_mask
+
+
+def probe_loss(gt_hidden, cand_hidden, attention_mask, rows, probe_gt, probe_cand):
+    """A scalar touching every used output: valid ground-truth rows and valid candidate rows."""
+    gt = (gt_hidden * probe_gt).sum(-1)[attention_mask.bool()].sum()
+    cand = (cand_hidden * probe_cand[: cand_hidden.shape[1]]).sum(-1)[rows.pos >= 0].sum()
+    return gt + cand
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_cached_pass_equals_appended_pass_values_and_gradients(family, impl, padding):
+    model = tiny_lm(family, impl).train()
+    input_ids, _, attention_mask, position_ids, response_mask = embedded(model, padding)
+    cand_pos = response_positions(response_mask)
+    cands = torch.randint(1, V, (*cand_pos.shape, 3), generator=torch.Generator().manual_seed(3))
+    rows = candidate_rows(cand_pos, cands, input_ids.shape[1])
+    probe_gt, probe_cand = torch.randn(32), torch.randn(rows.pos.shape[1], 32)
+    results = []
+    for fn in (appended_pass, cached_pass):
+        model.zero_grad()
+        embeds = model.get_input_embeddings()(input_ids)  # fresh graph, gradients reach the embedding
+        gt_h, cand_h = fn(model, embeds, attention_mask, position_ids, rows.pos, rows.ids)
+        probe_loss(gt_h, cand_h, attention_mask, rows, probe_gt, probe_cand).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}  # no lm_head
+        results.append((gt_h.detach(), cand_h.detach(), grads))
+    (gt_a, cand_a, grads_a), (gt_c, cand_c, grads_c) = results
+    valid = attention_mask.bool()
+    torch.testing.assert_close(gt_c[valid], gt_a[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cand_c[rows.pos >= 0], cand_a[rows.pos >= 0], rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_c.keys() and len(grads_a) > 10
+    for name, g in grads_a.items():
+        rel = (grads_c[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def kl_rows(teacher_hidden, student_hidden, t_model, s_model):
+    """Per-row KL(P_T || P_S) from hidden states (the divergence of Eq. 7)."""
+    t_logp = F.log_softmax(t_model.get_output_embeddings()(teacher_hidden), dim=-1)
+    s_logp = F.log_softmax(s_model.get_output_embeddings()(student_hidden), dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def tpa_loss(out, student, teacher):
+    """Eq. 7 with the rows' weights: candidate rows + reused ground-truth transitions."""
+    rows = out.rows
+    cand = (rows.weight * kl_rows(out.teacher_cand, out.student_cand, teacher, student)).sum()
+    gt = (rows.gt_weight * kl_rows(out.teacher_gt, out.student_gt, teacher, student)).sum()
+    return cand + gt
+
+
+def _forward_with_rows(student, teacher, input_ids, attention_mask, position_ids, rows):
+    s_gt, s_cand = cached_pass(
+        student, student.get_input_embeddings()(input_ids), attention_mask, position_ids, rows.pos, rows.ids
+    )
+    with torch.no_grad():
+        t_gt, t_cand = cached_pass(
+            teacher, teacher.get_input_embeddings()(input_ids), attention_mask, position_ids, rows.pos, rows.ids
+        )
+    return tpa.TPAForward(rows, s_gt, s_cand, t_gt, t_cand)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_dedupe_gives_same_loss_and_gradients(family):
+    student, teacher = tiny_lm(family, seed=0).train(), tiny_lm(family, seed=5, hidden=48)
+    input_ids, _, attention_mask, position_ids, response_mask = embedded(student, "left")
+    cand_pos = response_positions(response_mask)  # (2, 3)
+    gt = gather_positions(input_ids, cand_pos)  # (2, 3) y_k
+    d = 4
+    cands = torch.randint(1, V, (2, 3, d), generator=torch.Generator().manual_seed(4))
+    cands[0, 0] = torch.tensor([7, 7, 9, 7])  # repeats
+    cands[0, 1] = gt[0, 1]  # all equal to the ground truth: no row at all
+    cands[1, 0, 1:3] = gt[1, 0]  # two ground-truth hits and two others
+    cands[1, 2] = torch.tensor([5, 6, 5, 6])
+    plain = candidate_rows(cand_pos, cands, input_ids.shape[1])
+    deduped = dedupe_candidates(cand_pos, cands, input_ids)
+    assert deduped.pos.shape[1] < plain.pos.shape[1]
+    assert torch.isclose(deduped.weight.sum() + deduped.gt_weight.sum(), plain.weight.sum())
+
+    losses, grads = [], []
+    for rows in (plain, deduped):
+        student.zero_grad()
+        loss = tpa_loss(
+            _forward_with_rows(student, teacher, input_ids, attention_mask, position_ids, rows), student, teacher
+        )
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    for name, g in grads[0].items():
+        rel = (grads[1][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def test_tpa_forward_cached_equals_checkpointed_fallback():
+    student, teacher = tiny_lm("qwen2", seed=0).train(), tiny_lm("qwen2", seed=5, hidden=48)
+    input_ids, _, attention_mask, position_ids, response_mask = embedded(student, "right")
+    cfg = TPAConfig(d=4, strategy="nucleus", top_p=0.9, dedupe=True)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            student.activation_checkpointing_enable({"use_reentrant": False})
+        assert cache_available(student) is not checkpointing
+        student.zero_grad()
+        out = tpa_forward(
+            student,
+            teacher,
+            student.get_input_embeddings()(input_ids),
+            teacher.get_input_embeddings()(input_ids),
+            attention_mask,
+            position_ids,
+            response_mask,
+            input_ids,
+            cfg,
+            generator=torch.Generator().manual_seed(0),
+        )
+        loss = tpa_loss(out, student, teacher)
+        loss.backward()
+        results.append((out.rows, loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (rows_a, loss_a, grads_a), (rows_b, loss_b, grads_b) = results
+    assert torch.equal(rows_a.ids, rows_b.ids) and torch.equal(rows_a.pos, rows_b.pos)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    for name, g in grads_a.items():
+        rel = (grads_b[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def test_sampling_reads_logits_at_k_minus_1_and_greedy_is_top_d():
+    B, T, d = 2, 6, 3
+    logits = torch.randn(B, T, V)
+    response_mask = torch.zeros(B, T, dtype=torch.bool)
+    response_mask[0, 3:] = True
+    response_mask[1, 4] = True
+    cands = sample_candidates(logits, response_mask, d, strategy="greedy")
+    assert cands.shape == (B, T, d)
+    for b, k in response_mask.nonzero().tolist():
+        assert torch.equal(cands[b, k], logits[b, k - 1].topk(d).indices)
+        assert len(set(cands[b, k].tolist())) == d
+    assert cands[~response_mask].abs().max() == 0
+
+
+def test_sample_from_hidden_matches_logits_path():
+    model = tiny_lm("qwen2")
+    input_ids, embeds, attention_mask, position_ids, response_mask = embedded(model, "left")
+    with torch.no_grad():
+        hidden, _ = tpa.ground_truth_pass(model, embeds, attention_mask, position_ids, use_cache=False)
+        logits = model.lm_head(hidden)
+    cand_pos = response_positions(response_mask)
+    for strategy in ("greedy", "nucleus"):
+        ref = sample_candidates(logits, response_mask, 2, strategy, generator=torch.Generator().manual_seed(0))
+        got = sample_candidates_from_hidden(
+            model, hidden, cand_pos, 2, strategy, generator=torch.Generator().manual_seed(0), chunk_size=100
+        )
+        assert torch.equal(got, gather_positions(ref, cand_pos))
+
+
+def test_nucleus_support_and_determinism():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(500, 4)
+    for top_p, support in [(0.7, {0, 1}), (0.9, {0, 1, 2}), (1.0, {0, 1, 2, 3}), (0.4, {0})]:
+        draws = sample_from_logits(logits, 4, "nucleus", top_p=top_p, generator=torch.Generator().manual_seed(0))
+        assert draws.shape == (500, 4)
+        assert set(draws.unique().tolist()) == support
+    a = sample_from_logits(logits, 4, "nucleus", generator=torch.Generator().manual_seed(7))
+    b = sample_from_logits(logits, 4, "nucleus", generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    # low temperature concentrates the nucleus on the mode
+    cold = sample_from_logits(logits, 4, "nucleus", temperature=0.05, generator=torch.Generator().manual_seed(0))
+    assert set(cold.unique().tolist()) == {0}
+
+
+def test_invalid_arguments():
+    logits = torch.randn(1, 4, V)
+    response_mask = torch.tensor([[False, False, True, True]])
+    with pytest.raises(ValueError, match="d .* >= 1"):
+        sample_candidates(logits, response_mask, 0)
+    with pytest.raises(ValueError, match="strategy"):
+        sample_candidates(logits, response_mask, 2, strategy="beam")
+    with pytest.raises(ValueError, match="top_p"):
+        sample_candidates(logits, response_mask, 2, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_candidates(logits, response_mask, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="position 0"):
+        sample_candidates(logits, torch.tensor([[True, False, False, False]]), 2)
+    with pytest.raises(ValueError, match="d .* >= 1"):
+        TPAConfig(d=0)
+    with pytest.raises(ValueError, match="not supported"):
+        model = tiny_lm("qwen2")
+        model.config._attn_implementation = "flash_attention_2"
+        tpa._mask_for(model, torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.float32)
+
+
+def test_response_positions_and_gather():
+    mask = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    pos = response_positions(mask)
+    assert torch.equal(pos, torch.tensor([[1, 3, 4], [4, -1, -1]]))
+    x = torch.arange(10).view(2, 5) + 1
+    assert torch.equal(gather_positions(x, pos), torch.tensor([[2, 4, 5], [10, 0, 0]]))
+
+
+def test_all_candidates_equal_ground_truth_needs_no_rows():
+    model = tiny_lm("qwen2")
+    input_ids, embeds, attention_mask, position_ids, response_mask = embedded(model, "left")
+    cand_pos = response_positions(response_mask)
+    cands = gather_positions(input_ids, cand_pos)[..., None].expand(-1, -1, 3)  # every sample is y_k
+    rows = dedupe_candidates(cand_pos, cands, input_ids)
+    assert rows.pos.shape == (2, 0)
+    torch.testing.assert_close(rows.gt_weight, response_mask.float())
+    with torch.no_grad():
+        for fn in (appended_pass, cached_pass):
+            gt_h, cand_h = fn(model, embeds, attention_mask, position_ids, rows.pos, rows.ids)
+            assert gt_h.shape == (2, input_ids.shape[1], 32) and cand_h.shape == (2, 0, 32)
+
+
+@pytest.mark.parametrize("backbone", ["qwen2", "qwen3"])
+@torch.no_grad()
+def test_transition_logits_llava_model(backbone, tmp_path_factory):
+    """Our LLaVA model (images spliced by prepare_inputs_labels_for_multimodal) against the naive loop."""
+    fixtures = pytest.importorskip("llava.tiny.fixtures")
+    tokenizer = fixtures.mini_tokenizer(tmp_path_factory.getbasetemp() / "tpa_mini")
+    model = fixtures.mini_llava(tokenizer, backbone=backbone)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 300, (2, 10), generator=g)
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[0, :2] = 0
+    input_ids[0, :2] = tokenizer.pad_token_id
+    input_ids[0, 3] = input_ids[1, 1] = IMAGE_TOKEN_INDEX
+    response_mask = torch.zeros(2, 10, dtype=torch.bool)
+    response_mask[:, 7:] = True
+    candidates = torch.randint(5, 300, (2, 10, 2), generator=g)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    fast = transition_logits(model, input_ids, attention_mask, response_mask, candidates, images=images)
+    embed = model.get_input_embeddings()
+    for b, k in response_mask.nonzero().tolist():
+        prefix = input_ids[b, :k][attention_mask[b, :k].bool()]
+        features = model.encode_images(images[b : b + 1])[0]  # (N_v, H)
+        parts = [features if t == IMAGE_TOKEN_INDEX else embed(torch.tensor([t])) for t in prefix.tolist()]
+        for u in range(2):
+            seq = torch.cat([*parts, embed(candidates[b, k, u : u + 1])])[None]
+            torch.testing.assert_close(fast[b, k, u], model(inputs_embeds=seq).logits[0, -1], rtol=0, atol=1e-5)

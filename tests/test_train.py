@@ -1,0 +1,107 @@
+"""Training entry end to end on the mini world: finetune, interrupt + resume, two processes (ZeRO-2, gloo)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from llava.tiny.fixtures import save_mini_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def start_ckpt(mini_root, tokenizer):
+    """A 1-layer mini LLaVA checkpoint and its SigLIP dir, as the finetune stage starts from."""
+    from llava.tiny.fixtures import mini_llava
+
+    model = mini_llava(tokenizer, num_layers=1)
+    path = save_mini_checkpoint(model, tokenizer, mini_root / "train_start")
+    model.get_vision_tower().vision_tower.save_pretrained(mini_root / "train_siglip")
+    return path
+
+
+def _args(start_ckpt, mini_world, out, *extra):
+    return [
+        "--model_name_or_path", str(start_ckpt), "--version", "qwen_2",
+        "--data_path", str(mini_world / "finetune.json"), "--image_folder", str(mini_world / "images"),
+        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--model_max_length", "256", "--report_to", "none", "--logging_steps", "1", "--save_strategy", "steps",
+        "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--use_cpu", *extra,
+    ]
+
+
+def _env():
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_finetune_saves_full_checkpoint_that_loads(tmp_path, start_ckpt, mini_world):
+    out = tmp_path / "ft"
+    subprocess.run([sys.executable, "-m", "llava.train.train", *_args(start_ckpt, mini_world, out, "--max_steps", "3",
+                    "--save_steps", "100")], check=True, env=_env(), cwd=REPO, capture_output=True)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json",
+                 "skipped_samples.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["conv_template"] == "qwen_2"
+    before, after = load_file(start_ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not (before["lm_head.weight"] == after["lm_head.weight"]).all()  # it trained
+    assert (before["model.vision_tower.vision_tower.post_layernorm.weight"]
+            == after["model.vision_tower.vision_tower.post_layernorm.weight"]).all()  # tower frozen
+
+
+def test_pretrain_stage_saves_projector_only(tmp_path, start_ckpt, mini_root, mini_world):
+    out = tmp_path / "pt"
+    args = _args(start_ckpt, mini_world, out, "--max_steps", "2", "--save_steps", "100", "--tune_mm_mlp_adapter",
+                 "True", "--vision_tower", str(mini_root / "train_siglip"))
+    args[args.index("--version") + 1] = "plain"
+    args[args.index("--data_path") + 1] = str(mini_world / "pretrain.json")
+    subprocess.run([sys.executable, "-m", "llava.train.train", *args], check=True, env=_env(), cwd=REPO,
+                   capture_output=True)
+    state = load_file(out / "mm_projector.safetensors")
+    assert state and all("mm_projector" in k for k in state)
+    assert not (out / "model.safetensors").exists()
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, start_ckpt, mini_world):
+    out = tmp_path / "resume"
+    cmd = [sys.executable, "-m", "llava.train.train", *_args(start_ckpt, mini_world, out, "--max_steps", "1000",
+           "--save_steps", "2")]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-4" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "first run ended before checkpoint-4"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    assert not (out / "model.safetensors").exists()
+    run = subprocess.run(cmd[:-4] + ["--max_steps", str(done + 2), "--save_steps", "2"], env=_env(), cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert f"checkpoint-{done}" in run.stderr + run.stdout
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == done + 2
+    steps_logged = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert steps_logged[-2:] == [done + 1, done + 2]
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model(tmp_path, start_ckpt, mini_world):
+    """torchrun x2 + ZeRO-2 on CPU (gloo, --use_cpu): the data is split, so steps halve; one model results."""
+    out = tmp_path / "ddp"
+    n_records = len(json.loads((mini_world / "finetune.json").read_text()))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "llava.train.train",
+           *_args(start_ckpt, mini_world, out, "--num_train_epochs", "1", "--save_steps", "1000",
+                  "--deepspeed", str(REPO / "scripts" / "zero2.json"))]
+    run = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    per_step = 2 * 2  # per-device batch x world size
+    assert state["global_step"] == -(-n_records // per_step), "both processes must share one data stream"
+    assert (out / "model.safetensors").is_file()
