@@ -16,7 +16,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 vpy="$venv/bin/python"
 stamp="$venv/.align-ti-installed"
-want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$extras"
+want="$(cat pyproject.toml scripts/bootstrap.sh scripts/constraints.txt | sha256sum | cut -c1-16)-$extras"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$vpy"; exit 0
 fi
@@ -31,10 +31,9 @@ fi
 if [ -z "$torch_ver" ]; then
   torch_ver="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo 2.13.0)"
 fi
-echo "torch==$torch_ver" > "$cons"
+{ echo "torch==$torch_ver"; cat scripts/constraints.txt; } > "$cons"
 echo "[bootstrap] pinning torch==$torch_ver; installing .[$extras]" >&2
 export PIP_CONSTRAINT="$cons" PIP_DISABLE_PIP_VERSION_CHECK=1
-"$vpy" -m pip install -q --upgrade pip >&2
 "$vpy" -m pip install -q "torch==$torch_ver" >&2
 "$vpy" -m pip install -q -e ".[$extras]" >&2
 echo "$want" > "$stamp"

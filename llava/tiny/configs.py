@@ -45,7 +45,7 @@ VISION = {
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
     "image_size": 64,
-    "patch_size": 8,
+    "patch_size": 16,
     "vision_use_head": False,
 }
 

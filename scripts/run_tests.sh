@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: bootstrap .venv (idempotent), lint, then the whole pytest suite (slow tests included).
+# Extra arguments go to pytest, e.g.  bash scripts/run_tests.sh -m "not slow"  or  -k tpa
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="$(bash scripts/bootstrap.sh dev | tail -n 1)"
+"$PY" -m ruff check .
+export TOKENIZERS_PARALLELISM=false
+exec "$PY" -m pytest -q "$@"
