@@ -155,6 +155,7 @@ def capture_attention(
     layer: int | Sequence[int],
     query_mask: torch.Tensor,
     average_heads: bool = False,
+    first_call_only: bool = False,
 ) -> Iterator[AttentionCapture]:
     """Record the attention rows of `query_mask`'s positions at `layer` during one forward of `model`.
 
@@ -163,6 +164,8 @@ def capture_attention(
         layer: decoder layer index (negative counts from the end), or several to capture in one pass.
         query_mask: (B, T) bool over the sequence the LLM sees (after visual expansion).
         average_heads: store the mean over heads, (B, Q_max, T), to save memory when many layers are hooked.
+        first_call_only: record the first forward and ignore later ones (e.g. the cached candidate pass of TPA
+            that follows the ground-truth pass); otherwise a second call is an error.
 
     Yields an `AttentionCapture`; its `.attn` / `.rows` are filled once the forward has run. The hook is
     removed on exit, also when the body raises. Rows are float32 and detached.
@@ -181,6 +184,8 @@ def capture_attention(
     def make_hook(idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if idx in capture.rows:
+                if first_call_only:
+                    return
                 raise RuntimeError(f"layer {idx} ran twice inside one capture_attention context")
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]

@@ -1,0 +1,65 @@
+"""Distillation arguments: LLaVA's training arguments plus Align-TI's (Eq. 8 weights, divergence, IVA, TPA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aligntI_patch.divergences import DIVERGENCES
+from aligntI_patch.iva import IVA_SOURCES
+from llava.train.arguments import TrainingArguments
+
+
+@dataclass
+class DistillArguments(TrainingArguments):
+    teacher_model_path: str | None = field(default=None, metadata={"help": "Local LLaVA-Qwen teacher checkpoint"})
+    w_sft: float = field(default=1.0, metadata={"help": "Weight of L_sft (0 disables it)"})
+    w_kd: float = field(default=1.0, metadata={"help": "Weight of L_kd, Eq. 2 (0 disables it)"})
+    w_iva: float = field(default=1.0, metadata={"help": "Weight of L_iva, Eq. 3 (0 disables it)"})
+    w_tpa: float = field(default=1.0, metadata={"help": "Weight of L_tpa, Eq. 7 (0 disables it)"})
+    divergence: str = field(default="fkl", metadata={"help": f"One of {DIVERGENCES}; fkl = KL(T||S), the paper's"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JSD"})
+    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KL (sfkl / srkl)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of every divergence"})
+    iva_layer: str = field(default="auto", metadata={"help": "'auto' (highest IRS, Eq. 4) or a layer index"})
+    iva_weight_source: str = field(default="teacher", metadata={"help": "teacher | student | uniform (Tables 8, 9)"})
+    iva_normalize: bool = field(default=False, metadata={"help": "Rescale alpha to mean 1 per sample"})
+    irs_path: str | None = field(default=None, metadata={"help": "irs.json from `python -m aligntI_patch.irs`"})
+    irs_num_pairs: int = field(default=32, metadata={"help": "Pairs used when --iva_layer auto computes IRS"})
+    tpa_num_samples: int = field(default=4, metadata={"help": "d, candidates per response position"})
+    tpa_sampling: str = field(default="nucleus", metadata={"help": "nucleus | greedy (top-d), Fig. 6"})
+    tpa_top_p: float = field(default=0.9, metadata={"help": "Nucleus mass (the paper does not state it)"})
+    tpa_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the candidates"})
+    tpa_dedupe: bool = field(default=True, metadata={"help": "Evaluate equal candidates once (exact)"})
+    on_policy_prob: float = field(default=0.0, metadata={"help": "GKD baseline: share of student-generated responses"})
+    on_policy_max_new_tokens: int = field(default=64, metadata={"help": "Length cap of on-policy responses"})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per lm_head chunk in the losses"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.teacher_model_path and (self.w_kd or self.w_iva or self.w_tpa or self.on_policy_prob):
+            raise ValueError("--teacher_model_path is required unless only --w_sft is used")
+        for name in ("w_sft", "w_kd", "w_iva", "w_tpa"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"--divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.iva_weight_source not in IVA_SOURCES:
+            raise ValueError(f"--iva_weight_source must be one of {IVA_SOURCES}, got {self.iva_weight_source!r}")
+        if self.iva_layer != "auto" and not self.iva_layer.lstrip("-").isdigit():
+            raise ValueError(f"--iva_layer must be 'auto' or an integer, got {self.iva_layer!r}")
+        if self.tpa_num_samples < 1:
+            raise ValueError(f"--tpa_num_samples (d) must be >= 1, got {self.tpa_num_samples}")
+        if self.tpa_sampling not in ("nucleus", "greedy"):
+            raise ValueError(f"--tpa_sampling must be nucleus or greedy, got {self.tpa_sampling!r}")
+        if not 0 < self.tpa_top_p <= 1:
+            raise ValueError(f"--tpa_top_p must lie in (0, 1], got {self.tpa_top_p}")
+        if self.tpa_temperature <= 0 or self.kd_temperature <= 0:
+            raise ValueError("--tpa_temperature and --kd_temperature must be > 0")
+        if not 0 <= self.on_policy_prob <= 1:
+            raise ValueError(f"--on_policy_prob must lie in [0, 1], got {self.on_policy_prob}")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
+
+    @property
+    def divergence_kwargs(self) -> dict:
+        return {"temperature": self.kd_temperature, "beta": self.jsd_beta, "alpha": self.skew_alpha}

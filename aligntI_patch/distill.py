@@ -1,0 +1,110 @@
+"""Align-TI distillation entry: parse, build student and teacher, check them, pick the IVA layer, train, save.
+
+    python -m aligntI_patch.distill --model_name_or_path STUDENT_LLM --teacher_model_path TEACHER
+        --vision_tower SIGLIP --pretrain_mm_mlp_adapter PROJ --data_path D.json --image_folder IMGS
+        --version qwen_2 --output_dir OUT [--w_kd 1 --w_iva 1 --w_tpa 1 --divergence fkl ...]
+
+Baselines are flags of the same entry (see README): SFT (`--w_kd 0 --w_iva 0 --w_tpa 0`), vanilla KD
+(`--w_iva 0 --w_tpa 0`), MiniLLM-style reverse KL (`--divergence rkl`), JSD (`--divergence jsd`), GKD-style
+on-policy (`--on_policy_prob 0.5`), uniform visual alignment (`--iva_weight_source uniform`), IVA only, TPA only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import transformers
+
+from aligntI_patch.arguments import DistillArguments
+from aligntI_patch.trainer import AlignTITrainer
+from llava.model.builder import load_pretrained_model
+from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
+from llava.train.arguments import DataArguments, ModelArguments
+from llava.train.data import make_supervised_data_module
+from llava.train.llava_trainer import last_complete_checkpoint
+from llava.train.train import build_model, build_tokenizer, record_config, save_model, set_trainable, training_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def load_teacher(args: DistillArguments, device: torch.device):
+    """The frozen teacher in the training dtype, eval mode, never seen by the optimizer."""
+    if not os.path.isdir(args.teacher_model_path):
+        raise FileNotFoundError(f"--teacher_model_path {args.teacher_model_path!r} is not a local directory")
+    tokenizer, teacher, _, _ = load_pretrained_model(
+        args.teacher_model_path, device=str(device), torch_dtype=training_dtype(args)
+    )
+    return tokenizer, teacher.eval().requires_grad_(False)
+
+
+def check_pair(student, teacher, student_tok, teacher_tok, args: DistillArguments, student_path: str) -> int:
+    """Errors before training: different tokenizers, N_v mismatch, ZeRO-3. Returns the shared vocab size."""
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ValueError(
+            f"Teacher tokenizer ({args.teacher_model_path}, {len(teacher_tok)} tokens) differs from the student's "
+            f"({student_path}, {len(student_tok)} tokens): logits can only be aligned on one shared vocabulary"
+        )
+    if student.num_image_tokens != teacher.num_image_tokens:
+        raise ValueError(
+            f"Teacher has {teacher.num_image_tokens} visual tokens per image, the student {student.num_image_tokens}: "
+            "IVA and the shared layout need the same N_v (use the teacher's vision tower for the student)"
+        )
+    rows = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    if len(student_tok) > rows:
+        raise ValueError(f"Tokenizer has {len(student_tok)} tokens but an lm_head has only {rows} rows")
+    if args.deepspeed and "zero3" in str(args.deepspeed):
+        raise NotImplementedError("Distillation runs under ZeRO-2 (the paper's setting); ZeRO-3 is not supported yet")
+    return len(student_tok)
+
+
+def choose_iva_layer(args: DistillArguments, data_args: DataArguments, teacher, tokenizer, image_processor,
+                     template: str) -> int:
+    """`--iva_layer` as given, or the teacher layer with the highest IRS (Eq. 4) from irs.json or a subset."""
+    from aligntI_patch.irs import load_paired_batches, select_iva_layer, write_irs
+
+    if args.w_iva == 0 or args.iva_weight_source == "uniform":
+        return 0
+    irs_path = args.irs_path or os.path.join(args.teacher_model_path, "irs.json")
+    if args.iva_layer != "auto" or os.path.isfile(irs_path):
+        return select_iva_layer(args.iva_layer, teacher, irs_path=irs_path)
+    a, b, n = load_paired_batches(tokenizer, image_processor, teacher, data_args.data_path, data_args.image_folder,
+                                  template, args.irs_num_pairs, batch_size=8, seed=args.seed,
+                                  context_len=args.model_max_length)
+    from aligntI_patch.irs import irs_per_layer
+
+    scores = irs_per_layer(teacher, a, b)
+    best = write_irs(args.output_dir, list(range(len(scores))), scores, n)
+    logger.info("IVA layer %d (highest IRS over %d pairs; written to %s/irs.json)", best, n, args.output_dir)
+    return best
+
+
+def main() -> None:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, DistillArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses()
+    logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
+
+    student = build_model(model_args, args)
+    set_trainable(student, model_args, args)
+    tokenizer = build_tokenizer(model_args, args, student)
+    image_processor = load_image_processor(model_args.vision_tower or student.get_vision_tower().config)
+    record_config(student, model_args, data_args, args)
+    teacher_tok, teacher = load_teacher(args, args.device)
+    vocab_size = check_pair(student, teacher, tokenizer, teacher_tok, args, model_args.model_name_or_path)
+    iva_layer = choose_iva_layer(args, data_args, teacher, tokenizer, image_processor, model_args.version)
+    data_module = make_supervised_data_module(
+        tokenizer, data_args, args, image_processor, student.num_image_tokens, model_args.version
+    )
+    trainer = AlignTITrainer(model=student, args=args, processing_class=tokenizer, teacher=teacher,
+                             iva_layer=iva_layer, vocab_size=vocab_size, **data_module)
+    resume = last_complete_checkpoint(args.output_dir)
+    if resume:
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    save_model(trainer, model_args, tokenizer, image_processor)
+
+
+if __name__ == "__main__":
+    main()
