@@ -4,9 +4,9 @@
     python -m llava.tiny.preset teacher  [--root ...] [--backbone ...]                 # + trained teacher
     python -m llava.tiny.preset paths    [--root ...] [--backbone ...]                 # shell-friendly paths
 
-No pretrained model exists offline, so the tiny world grows its own: the teacher's first stage trains a
-SigLIP tower from scratch (with the projector and the LLM) on captions; that tower is then frozen and
-shared with the student, as the paper shares SigLIP. Random-init LLMs also mean the student's pretrain
+No pretrained model exists offline, so the tiny world grows its own: the teacher's stages train a SigLIP
+tower from scratch (with the projector and the LLM) on captions, then on the instruction mix; that tower
+is then frozen and shared with the student, as the paper shares SigLIP. Random-init LLMs also mean the student's pretrain
 stage trains its LLM with the projector (a real run trains the projector only: `--tune_mm_mlp_adapter`).
 Every stage is skipped when its output is complete, so later runs reuse the cache.
 """
@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 # Per-stage hyperparameters of the tiny preset (CPU, fp32).
 TEACHER_STAGES = {
-    "stage1": {"data": "pretrain.json", "version": "plain", "epochs": 1, "lr": 2e-3, "batch": 16, "tune_vision": True},
-    "stage2": {"data": "finetune.json", "version": None, "epochs": 1, "lr": 1e-3, "batch": 16, "tune_vision": False},
+    "stage1": {"data": "pretrain.json", "version": "plain", "epochs": 3, "lr": 2e-3, "batch": 16, "tune_vision": True},
+    "stage2": {"data": "finetune.json", "version": None, "epochs": 2, "lr": 1e-3, "batch": 16, "tune_vision": True},
 }
 STUDENT_STAGES = {
     "pretrain": {"data": "pretrain.json", "version": "plain", "epochs": 1, "lr": 2e-3, "batch": 16},
@@ -105,21 +105,21 @@ def run_stage(module: str, args: list[str], output_dir: Path) -> Path:
 
 
 def train_teacher(root: Path | str = "playground/tiny", backbone: str = "qwen2") -> dict[str, Path]:
-    """Teacher stage 1 (captions; SigLIP + projector + LLM) then stage 2 (instruction mix; SigLIP frozen)."""
+    """Teacher stage 1 (captions) then stage 2 (instruction mix), SigLIP trained in both; then export it."""
     p = prepare(root, backbone)
     s1, s2 = TEACHER_STAGES["stage1"], TEACHER_STAGES["stage2"]
     run_stage("llava.train.train", [
         "--model_name_or_path", str(p["teacher_base"]), "--vision_tower", str(p["siglip_init"]),
-        "--tune_vision_tower", "True",
+        "--tune_vision_tower", str(s1["tune_vision"]),
         *common_train_args(p["teacher_stage1"], p["world"] / s1["data"], p["images"], s1["version"],
                            s1["epochs"], s1["lr"], s1["batch"]),
     ], p["teacher_stage1"])
-    export_siglip(p["teacher_stage1"], p["siglip"])
     run_stage("llava.train.train", [
-        "--model_name_or_path", str(p["teacher_stage1"]),
+        "--model_name_or_path", str(p["teacher_stage1"]), "--tune_vision_tower", str(s2["tune_vision"]),
         *common_train_args(p["teacher"], p["world"] / s2["data"], p["images"], template_for(backbone),
                            s2["epochs"], s2["lr"], s2["batch"]),
     ], p["teacher"])
+    export_siglip(p["teacher"], p["siglip"])  # the teacher's final tower, frozen and shared with the student
     return p
 
 

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Align-TI distillation (the main job): the student's finetune stage with L = L_sft + L_kd + L_iva + L_tpa.
+#
+# Environment overrides (none set = the built-in tiny preset end to end on CPU: world, tokenizer, teacher,
+# student pretrain, SFT baseline, Align-TI student, then a per-family table of all three):
+#   TEACHER        LLaVA-Qwen teacher checkpoint dir (e.g. Qwen2-7B + SigLIP after both LLaVA stages)
+#   MODEL          student LLM dir (Qwen2-0.5B/1.5B, Qwen3-0.6B/1.7B)
+#   PRETRAIN_DIR   student's pretrain.sh output (mm_projector.safetensors)
+#   VISION_TOWER   SigLIP dir (the teacher's: N_v must match)
+#   DATA_PATH IMAGE_FOLDER   finetune data (paper: the 2.4M mix of Table 13)
+#   VERSION        qwen_2 | qwen_3;   OUTPUT_DIR  default ./checkpoints/llava-qwen-aligntI
+#   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in finetune.sh (paper: lr 2e-5, global batch 128)
+#   DISTILL_ARGS   extra flags, e.g. "--w_tpa 0" (IVA only), "--divergence rkl", "--tpa_sampling greedy"
+#                  (defaults: --w_sft 1 --w_kd 1 --w_iva 1 --w_tpa 1 --divergence fkl --iva_layer auto
+#                   --iva_weight_source teacher --tpa_num_samples 4 --tpa_sampling nucleus --tpa_top_p 0.9)
+source "$(dirname "$0")/common.sh"
+read -r -a EXTRA <<< "${DISTILL_ARGS:-}"
+
+if [ -z "${MODEL:-}" ]; then
+    tiny_paths
+    PRETRAIN_DIR="$TINY_ROOT/student/$TINY_BACKBONE-pretrain"
+    SFT_DIR="$TINY_ROOT/student/$TINY_BACKBONE-sft"
+    OUTPUT_DIR="$SFT_DIR" bash "$(dirname "$0")/finetune.sh"   # teacher, student pretrain and the SFT baseline
+    TEACHER="$TINY_TEACHER"; MODEL="$PRETRAIN_DIR"; VISION_TOWER="$TINY_SIGLIP"
+    DATA_PATH="$TINY_WORLD/finetune.json"; IMAGE_FOLDER="$TINY_IMAGES"
+    VERSION="${VERSION:-$([ "$TINY_BACKBONE" = qwen3 ] && echo qwen_3 || echo qwen_2)}"
+    OUTPUT_DIR="${OUTPUT_DIR:-$TINY_ROOT/student/$TINY_BACKBONE-aligntI}"
+    BATCH="${BATCH:-16}"; LR="${LR:-1e-3}"; MAX_LEN="${MAX_LEN:-256}"
+    STAGE_ARGS=(--logging_steps 20 --save_steps 200 --dataloader_num_workers 1)
+else
+    : "${TEACHER:?set TEACHER to the teacher checkpoint dir}"
+    : "${PRETRAIN_DIR:?set PRETRAIN_DIR to the output dir of pretrain.sh}"
+    STAGE_ARGS=(--pretrain_mm_mlp_adapter "$PRETRAIN_DIR/mm_projector.safetensors" --bf16 True --logging_steps 1
+                --save_steps 2000 --dataloader_num_workers 4 --group_by_modality_length True)
+fi
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-aligntI}"
+
+if [ -f "$OUTPUT_DIR/model.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors.index.json" ]; then
+    echo "[distill] $OUTPUT_DIR is complete; delete it to train again"
+else
+    launch aligntI_patch.distill \
+        --model_name_or_path "$MODEL" --teacher_model_path "$TEACHER" --version "${VERSION:-qwen_2}" \
+        --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --vision_tower "$VISION_TOWER" \
+        --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --image_aspect_ratio pad \
+        --output_dir "$OUTPUT_DIR" --num_train_epochs "${EPOCHS:-1}" \
+        --per_device_train_batch_size "${BATCH:-16}" --gradient_accumulation_steps "${GRAD_ACC:-1}" \
+        --learning_rate "${LR:-2e-5}" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
+        --model_max_length "${MAX_LEN:-2048}" --save_strategy steps --save_total_limit 1 --report_to none \
+        "${STAGE_ARGS[@]}" "${EXTRA[@]}"
+fi
+
+if [ -n "${SFT_DIR:-}" ]; then
+    "$PYTHON" -m aligntI_patch.report --world "$TINY_WORLD" --output-dir "$OUTPUT_DIR" \
+        --model "teacher=$TEACHER" --model "sft-student=$SFT_DIR" --model "align-ti-student=$OUTPUT_DIR"
+fi
