@@ -18,13 +18,21 @@ import torch
 import transformers
 
 from aligntI_patch.arguments import DistillArguments
+from aligntI_patch.irs import irs_per_layer, load_paired_batches, select_iva_layer, write_irs
 from aligntI_patch.trainer import AlignTITrainer
 from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
 from llava.train.data import make_supervised_data_module
 from llava.train.llava_trainer import last_complete_checkpoint
-from llava.train.train import build_model, build_tokenizer, record_config, save_model, set_trainable, training_dtype
+from llava.train.train import (
+    build_model,
+    build_tokenizer,
+    record_config,
+    save_model,
+    set_trainable,
+    training_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +70,6 @@ def check_pair(student, teacher, student_tok, teacher_tok, args: DistillArgument
 def choose_iva_layer(args: DistillArguments, data_args: DataArguments, teacher, tokenizer, image_processor,
                      template: str) -> int:
     """`--iva_layer` as given, or the teacher layer with the highest IRS (Eq. 4) from irs.json or a subset."""
-    from aligntI_patch.irs import load_paired_batches, select_iva_layer, write_irs
-
     if args.w_iva == 0 or args.iva_weight_source == "uniform":
         return 0
     irs_path = args.irs_path or os.path.join(args.teacher_model_path, "irs.json")
@@ -72,8 +78,6 @@ def choose_iva_layer(args: DistillArguments, data_args: DataArguments, teacher, 
     a, b, n = load_paired_batches(tokenizer, image_processor, teacher, data_args.data_path, data_args.image_folder,
                                   template, args.irs_num_pairs, batch_size=8, seed=args.seed,
                                   context_len=args.model_max_length)
-    from aligntI_patch.irs import irs_per_layer
-
     scores = irs_per_layer(teacher, a, b)
     best = write_irs(args.output_dir, list(range(len(scores))), scores, n)
     logger.info("IVA layer %d (highest IRS over %d pairs; written to %s/irs.json)", best, n, args.output_dir)
