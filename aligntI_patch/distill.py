@@ -25,6 +25,7 @@ from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
 from llava.train.data import make_supervised_data_module
 from llava.train.llava_trainer import last_complete_checkpoint
+from llava.train.lora import apply_lora
 from llava.train.train import (
     build_model,
     build_tokenizer,
@@ -91,6 +92,8 @@ def main() -> None:
 
     student = build_model(model_args, args)
     set_trainable(student, model_args, args)
+    if args.lora_enable:
+        student = apply_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias)
     tokenizer = build_tokenizer(model_args, args, student)
     image_processor = load_image_processor(model_args.vision_tower or student.get_vision_tower().config)
     record_config(student, model_args, data_args, args)

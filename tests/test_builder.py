@@ -90,3 +90,30 @@ def test_missing_path_and_vocab_mismatch(tmp_path, tokenizer):
     save_mini_checkpoint(model, tokenizer, tmp_path / "small")
     with pytest.raises(ValueError, match="embedding has 64 rows"):
         load_pretrained_model(str(tmp_path / "small"), device="cpu")
+
+
+def test_lora_checkpoint_with_model_base(tmp_path, tokenizer):
+    """LoRA output (adapter + non_lora_trainables.bin) merged onto its base gives the trained model's logits."""
+    from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
+    from llava.train.lora import apply_lora, save_lora
+
+    model = mini_llava(tokenizer)
+    base = save_mini_checkpoint(model, tokenizer, tmp_path / "base")
+    siglip = tmp_path / "siglip"
+    model.get_vision_tower().vision_tower.save_pretrained(siglip)
+    model.config.mm_vision_tower = str(siglip)
+    model.requires_grad_(False)
+    model.get_model().mm_projector.requires_grad_(True)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, bias="none").eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "mm_projector" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path / "lora"
+    save_lora(peft_model, str(out))
+    tokenizer.save_pretrained(out)
+    load_image_processor(model.get_vision_tower().config).save_pretrained(out)
+    expected = _logits(peft_model, tokenizer)
+    _, loaded, _, _ = load_pretrained_model(str(out), model_base=str(base), device="cpu")
+    assert not torch.allclose(expected, _logits(mini_llava(tokenizer), tokenizer))
+    torch.testing.assert_close(_logits(loaded, tokenizer), expected, atol=1e-5, rtol=1e-4)

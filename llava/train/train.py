@@ -22,6 +22,7 @@ from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
 from llava.train.data import make_supervised_data_module
 from llava.train.llava_trainer import LLaVATrainer, atomic_save, last_complete_checkpoint
+from llava.train.lora import apply_lora, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ def save_model(trainer: LLaVATrainer, model_args, tokenizer, image_processor) ->
         return
 
     def write(tmp: str) -> None:
-        if model_args.tune_mm_mlp_adapter:
+        if trainer.args.lora_enable:
+            save_lora(model, tmp)
+            tokenizer.save_pretrained(tmp)
+        elif model_args.tune_mm_mlp_adapter:
             from safetensors.torch import save_file
 
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "mm_projector" in k}
@@ -110,6 +114,9 @@ def train() -> None:
 
     model = build_model(model_args, training_args)
     set_trainable(model, model_args, training_args)
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args.lora_r, training_args.lora_alpha, training_args.lora_dropout,
+                           training_args.lora_bias)
     tokenizer = build_tokenizer(model_args, training_args, model)
     image_processor = load_image_processor(model_args.vision_tower or model.get_vision_tower().config)
     record_config(model, model_args, data_args, training_args)
