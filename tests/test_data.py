@@ -70,3 +70,16 @@ def test_collator_pads_and_stacks_only_real_images(tmp_path, mini_world, tokeniz
 def test_unknown_data_path_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         LazySupervisedDataset(str(tmp_path / "nope.json"), tokenizer)
+
+
+def test_modality_grouped_sampler_keeps_batches_single_modality():
+    from llava.train.llava_trainer import ModalityGroupedSampler
+
+    lengths = [5, -3, 7, -2, 9, 4, -8, 6, -1, 3]  # negative = text-only (LLaVA's convention)
+    sampler = ModalityGroupedSampler(lengths, batch_size=2, seed=0)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))
+    chunks = [order[i : i + 2] for i in range(0, len(order), 2)]
+    mixed = [c for c in chunks if len({lengths[i] > 0 for i in c}) > 1]
+    assert len(mixed) <= 1  # only a leftover partial batch of one modality can sit next to the other
+    assert list(sampler) != order  # reshuffled every epoch

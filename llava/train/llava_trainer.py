@@ -62,13 +62,16 @@ class ModalityGroupedSampler(torch.utils.data.Sampler):
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
         self.epoch += 1
-        chunks = []
-        for sign in (1, -1):
-            idx = [i for i, n in enumerate(self.lengths) if (n > 0) == (sign > 0)]
+        full, partial = [], []
+        for is_image in (True, False):
+            idx = [i for i, n in enumerate(self.lengths) if (n > 0) == is_image]
             rng.shuffle(idx)
-            chunks += [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        rng.shuffle(chunks)
-        return iter([i for chunk in chunks for i in chunk])
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                (full if len(chunk) == self.batch_size else partial).append(chunk)
+        rng.shuffle(full)
+        # partial chunks go last so that they cannot shift later batches across modalities
+        return iter([i for chunk in full + partial for i in chunk])
 
 
 class SkipReportCallback(TrainerCallback):
