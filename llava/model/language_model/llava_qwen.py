@@ -106,13 +106,13 @@ class _LlavaCausalLMMixin(LlavaMetaForCausalLM):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images: torch.Tensor | None = None, image_sizes=None, **kwargs):
-        """LLaVA's generate: with images, splice them and generate from `inputs_embeds` (returns new tokens only)."""
-        if images is not None:
-            mm = self.prepare_inputs_labels_for_multimodal(
-                inputs, kwargs.pop("position_ids", None), kwargs.pop("attention_mask", None), None, None, images
-            )
-            return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
-        return super().generate(inputs, **kwargs)
+        """LLaVA's generate: splice the images in and generate from `inputs_embeds`; returns new tokens only."""
+        if inputs is None or "inputs_embeds" in kwargs:
+            return super().generate(inputs, **kwargs)
+        mm = self.prepare_inputs_labels_for_multimodal(
+            inputs, kwargs.pop("position_ids", None), kwargs.pop("attention_mask", None), None, None, images
+        )
+        return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
 
 
 class LlavaQwenForCausalLM(_LlavaCausalLMMixin, Qwen2ForCausalLM):
