@@ -19,17 +19,7 @@
 #      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
 #      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
 #      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
-set -euo pipefail
-
-MODEL_PATH=${MODEL_PATH:-${CKPT:-./checkpoints/llava-qwen-aligntI}}
-NAME=${NAME:-$(basename "$MODEL_PATH")}
-CONV_MODE=${CONV_MODE:-qwen_2}
-DATA_ROOT=${DATA_ROOT:-./playground/data/eval}
-GPULIST=${GPULIST:-${CUDA_VISIBLE_DEVICES:-0}}
-PYTHON=${PYTHON:-python}
-
-IFS=',' read -ra GPUS <<< "$GPULIST"
-CHUNKS=${#GPUS[@]}
+source "$(dirname "$0")/common.sh"
 SPLIT=${SPLIT:-mmbench_dev_20230712}
 ALL_ROUNDS=${ALL_ROUNDS:-0}
 MMBENCH_LANG=${MMBENCH_LANG:-en}
@@ -37,30 +27,12 @@ MMBENCH=$DATA_ROOT/mmbench
 ANSWER_DIR=$MMBENCH/answers/$SPLIT/$NAME
 ROUNDS_FLAG=""
 if [ "$ALL_ROUNDS" = 1 ]; then ROUNDS_FLAG=--all-rounds; fi
-mkdir -p "$ANSWER_DIR"
-
-pids=()
-for IDX in $(seq 0 $((CHUNKS-1))); do
-    CUDA_VISIBLE_DEVICES=${GPUS[$IDX]} $PYTHON -m llava.eval.model_vqa_mmbench \
-        --model-path "$MODEL_PATH" ${MODEL_BASE:+--model-base "$MODEL_BASE"} \
-        --question-file "$MMBENCH/$SPLIT.tsv" \
-        --single-pred-prompt \
-        --lang "$MMBENCH_LANG" \
-        $ROUNDS_FLAG \
-        --answers-file "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" \
-        --num-chunks "$CHUNKS" \
-        --chunk-idx "$IDX" \
-        --temperature 0 \
-        --conv-mode "$CONV_MODE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done  # stop here if any chunk failed
-
+run_chunked llava.eval.model_vqa_mmbench "$ANSWER_DIR" \
+    --question-file "$MMBENCH/$SPLIT.tsv" \
+    --single-pred-prompt \
+    --lang "$MMBENCH_LANG" \
+    $ROUNDS_FLAG
 output_file=$ANSWER_DIR/merge.jsonl
-> "$output_file"
-for IDX in $(seq 0 $((CHUNKS-1))); do
-    cat "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" >> "$output_file"
-done
 
 $PYTHON -m llava.eval.eval_mmbench \
     --annotation-file "$MMBENCH/$SPLIT.tsv" \

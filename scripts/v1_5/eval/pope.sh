@@ -17,41 +17,13 @@
 #      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
 #      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
 #      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
-set -euo pipefail
-
-MODEL_PATH=${MODEL_PATH:-${CKPT:-./checkpoints/llava-qwen-aligntI}}
-NAME=${NAME:-$(basename "$MODEL_PATH")}
-CONV_MODE=${CONV_MODE:-qwen_2}
-DATA_ROOT=${DATA_ROOT:-./playground/data/eval}
-GPULIST=${GPULIST:-${CUDA_VISIBLE_DEVICES:-0}}
-PYTHON=${PYTHON:-python}
-
-IFS=',' read -ra GPUS <<< "$GPULIST"
-CHUNKS=${#GPUS[@]}
+source "$(dirname "$0")/common.sh"
 POPE=$DATA_ROOT/pope
 ANSWER_DIR=$POPE/answers/$NAME
-mkdir -p "$ANSWER_DIR"
-
-pids=()
-for IDX in $(seq 0 $((CHUNKS-1))); do
-    CUDA_VISIBLE_DEVICES=${GPUS[$IDX]} $PYTHON -m llava.eval.model_vqa_loader \
-        --model-path "$MODEL_PATH" ${MODEL_BASE:+--model-base "$MODEL_BASE"} \
-        --question-file "$POPE/llava_pope_test.jsonl" \
-        --image-folder "$POPE/val2014" \
-        --answers-file "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" \
-        --num-chunks "$CHUNKS" \
-        --chunk-idx "$IDX" \
-        --temperature 0 \
-        --conv-mode "$CONV_MODE" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done  # stop here if any chunk failed
-
+run_chunked llava.eval.model_vqa_loader "$ANSWER_DIR" \
+    --question-file "$POPE/llava_pope_test.jsonl" \
+    --image-folder "$POPE/val2014"
 output_file=$ANSWER_DIR/merge.jsonl
-> "$output_file"
-for IDX in $(seq 0 $((CHUNKS-1))); do
-    cat "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" >> "$output_file"
-done
 
 $PYTHON -m llava.eval.eval_pope \
     --annotation-dir "$POPE/coco" \
