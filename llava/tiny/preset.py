@@ -4,10 +4,10 @@
     python -m llava.tiny.preset teacher  [--root ...] [--backbone ...]                 # + trained teacher
     python -m llava.tiny.preset paths    [--root ...] [--backbone ...]                 # shell-friendly paths
 
-No pretrained model exists offline, so the tiny world grows its own: the teacher's stages train a SigLIP
-tower from scratch (with the projector and the LLM) on captions, then on the instruction mix; that tower
-is then frozen and shared with the student, as the paper shares SigLIP. Random-init LLMs also mean the student's pretrain
-stage trains its LLM with the projector (a real run trains the projector only: `--tune_mm_mlp_adapter`).
+No pretrained model exists offline, so the tiny world grows its own: a tiny SigLIP is pretrained on the
+world's scene annotations (`vision_pretrain.py`), then frozen and shared by teacher and student, as the
+paper shares a frozen SigLIP. Random-init LLMs also mean that every pretrain stage here trains the LLM
+with the projector (a real run trains the projector only: `--tune_mm_mlp_adapter`).
 Every stage is skipped when its output is complete, so later runs reuse the cache.
 """
 
@@ -25,14 +25,15 @@ import torch
 
 from llava.tiny.configs import write_base_llm, write_base_siglip
 from llava.tiny.tokenizer import build_tiny_tokenizer
+from llava.tiny.vision_pretrain import pretrain_vision_tower
 from llava.tiny.world import generate_world
 
 logger = logging.getLogger(__name__)
 
 # Per-stage hyperparameters of the tiny preset (CPU, fp32).
 TEACHER_STAGES = {
-    "stage1": {"data": "pretrain.json", "version": "plain", "epochs": 3, "lr": 2e-3, "batch": 16, "tune_vision": True},
-    "stage2": {"data": "finetune.json", "version": None, "epochs": 2, "lr": 1e-3, "batch": 16, "tune_vision": True},
+    "stage1": {"data": "pretrain.json", "version": "plain", "epochs": 1, "lr": 2e-3, "batch": 16},
+    "stage2": {"data": "finetune.json", "version": None, "epochs": 2, "lr": 1e-3, "batch": 16},
 }
 STUDENT_STAGES = {
     "pretrain": {"data": "pretrain.json", "version": "plain", "epochs": 1, "lr": 2e-3, "batch": 16},
@@ -61,13 +62,14 @@ def preset_paths(root: Path | str = "playground/tiny", backbone: str = "qwen2") 
 
 
 def prepare(root: Path | str = "playground/tiny", backbone: str = "qwen2") -> dict[str, Path]:
-    """World, tokenizer, randomly initialised teacher/student LLMs and SigLIP (all cached)."""
+    """World, tokenizer, randomly initialised teacher/student LLMs, the pretrained tiny SigLIP (all cached)."""
     p = preset_paths(root, backbone)
     generate_world(p["world"], progress=True)
     build_tiny_tokenizer(p["world"], p["tokenizer"])
     write_base_llm(p["teacher_base"], "teacher", backbone, p["tokenizer"], seed=1)
     write_base_llm(p["student_base"], "student", backbone, p["tokenizer"], seed=2)
     write_base_siglip(p["siglip_init"], seed=3)
+    pretrain_vision_tower(p["world"], p["siglip_init"], p["siglip"])
     return p
 
 
@@ -105,36 +107,20 @@ def run_stage(module: str, args: list[str], output_dir: Path) -> Path:
 
 
 def train_teacher(root: Path | str = "playground/tiny", backbone: str = "qwen2") -> dict[str, Path]:
-    """Teacher stage 1 (captions) then stage 2 (instruction mix), SigLIP trained in both; then export it."""
+    """Teacher stage 1 (captions) then stage 2 (instruction mix), with the frozen pretrained tiny SigLIP."""
     p = prepare(root, backbone)
     s1, s2 = TEACHER_STAGES["stage1"], TEACHER_STAGES["stage2"]
     run_stage("llava.train.train", [
-        "--model_name_or_path", str(p["teacher_base"]), "--vision_tower", str(p["siglip_init"]),
-        "--tune_vision_tower", str(s1["tune_vision"]),
+        "--model_name_or_path", str(p["teacher_base"]), "--vision_tower", str(p["siglip"]),
         *common_train_args(p["teacher_stage1"], p["world"] / s1["data"], p["images"], s1["version"],
                            s1["epochs"], s1["lr"], s1["batch"]),
     ], p["teacher_stage1"])
     run_stage("llava.train.train", [
-        "--model_name_or_path", str(p["teacher_stage1"]), "--tune_vision_tower", str(s2["tune_vision"]),
+        "--model_name_or_path", str(p["teacher_stage1"]),
         *common_train_args(p["teacher"], p["world"] / s2["data"], p["images"], template_for(backbone),
                            s2["epochs"], s2["lr"], s2["batch"]),
     ], p["teacher"])
-    export_siglip(p["teacher"], p["siglip"])  # the teacher's final tower, frozen and shared with the student
     return p
-
-
-def export_siglip(checkpoint: Path, out_dir: Path) -> Path:
-    """Save the tower trained in the teacher's first stage as a standalone SigLIP checkpoint."""
-    if (Path(out_dir) / "model.safetensors").is_file():
-        return out_dir
-    from llava.model.builder import load_pretrained_model
-
-    _, model, image_processor, _ = load_pretrained_model(str(checkpoint), device="cpu", torch_dtype=torch.float32)
-    tmp = Path(str(out_dir) + ".tmp")
-    model.get_vision_tower().vision_tower.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:
