@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or update) .venv in the repository root with this project installed in editable mode.
 # Idempotent: it reinstalls only when pyproject.toml (or the extras asked for) changed.
-# Usage: bash scripts/bootstrap.sh [extra,extra]   e.g.  bash scripts/bootstrap.sh dev,demo
+# Usage: bash scripts/bootstrap.sh [extra,extra]   e.g.  bash scripts/bootstrap.sh dev,demo,eval
+# With `eval`, lmms-eval is installed with --no-deps and the venv ends without torchvision / timm.
 # Prints the venv's python path on its last line.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,9 +17,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 vpy="$venv/bin/python"
 stamp="$venv/.align-ti-installed"
-want="$(cat pyproject.toml scripts/bootstrap.sh scripts/constraints.txt | sha256sum | cut -c1-16)-$extras"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "$vpy"; exit 0
+hash="$(cat pyproject.toml scripts/bootstrap.sh scripts/constraints.txt | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(head -n 1 "$stamp")" = "$hash" ]; then
+  # Up to date when every extra asked for is already installed (a superset is fine).
+  have=",$(tail -n 1 "$stamp"),"; missing=""
+  IFS=',' read -ra asked <<< "$extras"
+  for e in "${asked[@]}"; do [[ "$have" == *",$e,"* ]] || missing=1; done
+  if [ -z "$missing" ]; then echo "$vpy"; exit 0; fi
+  # keep what is installed: install the union
+  extras="$(echo "$extras,$(tail -n 1 "$stamp")" | tr ',' '\n' | sort -u | paste -sd, -)"
 fi
 
 # Pin the torch that is already available (a local CPU wheel or a preinstalled CUDA build):
@@ -36,5 +43,16 @@ echo "[bootstrap] pinning torch==$torch_ver; installing .[$extras]" >&2
 export PIP_CONSTRAINT="$cons" PIP_DISABLE_PIP_VERSION_CHECK=1
 "$vpy" -m pip install -q "torch==$torch_ver" >&2
 "$vpy" -m pip install -q -e ".[$extras]" >&2
-echo "$want" > "$stamp"
+if [[ ",$extras," == *",eval,"* ]]; then
+  # lmms-eval's own requirements pull torchvision (a CUDA build here, whose presence breaks transformers'
+  # image processors), timm, wandb, opencv...: install it alone; the `eval` extra lists what it needs.
+  "$vpy" -m pip install -q --no-deps lmms-eval >&2
+  for pkg in torchvision timm; do  # left by an earlier plain `pip install lmms-eval`
+    if "$vpy" -m pip show -q "$pkg" >/dev/null 2>&1; then
+      echo "[bootstrap] removing $pkg (torchvision's build here breaks transformers' image processors; timm needs it)" >&2
+      "$vpy" -m pip uninstall -y -q "$pkg" >&2
+    fi
+  done
+fi
+printf "%s\n%s\n" "$hash" "$extras" > "$stamp"
 echo "$vpy"

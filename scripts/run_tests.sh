@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g.  bash scripts/run_tests.sh -m "not slow"  or  -k tpa
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="$(bash scripts/bootstrap.sh dev | tail -n 1)"
+PY="$(bash scripts/bootstrap.sh dev,demo,eval | tail -n 1)"  # demo, eval: browser and lmms-eval tests
 "$PY" -m ruff check .
 export TOKENIZERS_PARALLELISM=false
 exec "$PY" -m pytest -q "$@"

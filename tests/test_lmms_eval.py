@@ -1,0 +1,181 @@
+"""The lmms-eval plugin (`llava_aligntI`) and the local `tiny_world` tasks, offline on CPU.
+
+Fast tests call the model class in-process; the slow one runs `python -m lmms_eval` end to end on the mini
+checkpoint and checks that its answers are exactly those of `generate_answers`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.conversation import get_conv_template, tokenize_conversation
+from llava.eval.lmms_tasks.tiny_world.prepare import task_rows, write_task_jsonl
+from llava.tiny.score import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "llava" / "eval" / "lmms_tasks"
+TASK_JSONL = Path("playground/tiny/data/lmms_eval/test.jsonl")  # what the task YAMLs read (relative to cwd)
+
+if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+    import lmms_eval  # noqa: F401  (in CI a missing lmms-eval is a failure, not a skip)
+else:
+    pytest.importorskip(
+        "lmms_eval", reason="lmms-eval is not installed (bash scripts/bootstrap.sh dev,demo,eval)"
+    )
+
+
+def _utils():
+    """The task's utils module, loaded by path as lmms-eval does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_world_utils", TASKS / "tiny_world" / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_entry_point_registers_the_model():
+    points = importlib.metadata.entry_points(group="lmms_eval.models")
+    assert "llava_aligntI" in {p.name for p in points}
+    from lmms_eval.models import get_model
+
+    from llava.eval.lmms_eval_plugin import LlavaAlignTI
+
+    assert get_model("llava_aligntI") is LlavaAlignTI
+
+
+def test_task_rows_and_scoring_functions(mini_world):
+    rows = task_rows(mini_world)
+    records = json.loads((Path(mini_world) / "test.json").read_text())
+    assert len(rows) == len(records) and all(Path(r["image_path"]).is_file() for r in rows)
+    assert all(DEFAULT_IMAGE_TOKEN not in r["question"] for r in rows)
+    utils = _utils()
+    for row in rows:
+        assert utils.doc_to_visual(row)[0].mode == "RGB"
+        score = utils.process_results(row, [row["answer"]])
+        assert score == {"overall": 1.0, row["family"]: 1.0}  # the reference answer scores 1
+        if row["family"] in ("existence", "choice"):
+            assert utils.doc_to_choice(row)[utils.doc_to_target_index(row)] == row["answer"]
+            assert (row["options"] is not None) == (row["family"] == "choice")
+
+
+@pytest.fixture(scope="module")
+def lmm(mini_checkpoint):
+    from llava.eval.lmms_eval_plugin import LlavaAlignTI
+
+    return LlavaAlignTI(pretrained=str(mini_checkpoint), device="cpu", batch_size=3)
+
+
+def _instance(request_type: str, args: tuple, doc_id: int = 0):
+    from lmms_eval.api.instance import Instance
+
+    return Instance(request_type, args, 0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
+
+
+def test_loglikelihood_equals_the_unbatched_loss(lmm, mini_world):
+    rows = task_rows(mini_world)[:4]
+    lmm.task_dict = {"t": {"test": rows}}
+    utils = _utils()
+    requests = [
+        _instance("loglikelihood", (r["question"], cont, utils.doc_to_visual, i, "t", "test"), i)
+        for i, r in enumerate(rows)
+        for cont in ("yes", "no, it is the red circle")
+    ] + [_instance("loglikelihood", ("", "yes"))]  # the unconditional (text-only) form
+    pairs = lmm.loglikelihood_pairs(requests)
+    wrapped = lmm.loglikelihood(requests)
+    assert [w.text for w in wrapped] == pairs  # what lmms-eval's evaluator unwraps
+    model, tokenizer = lmm.model, lmm.tokenizer
+    for request, (nll, greedy) in zip(requests, pairs):
+        context, continuation = request.args[:2]
+        image = utils.doc_to_visual(rows[request.args[3]])[0] if len(request.args) == 6 else None
+        conv = get_conv_template(lmm.conv_template)
+        conv.append_message(conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{context}" if image else context)
+        conv.append_message(conv.roles[1], None)
+        prompt = tokenize_conversation(conv, tokenizer)[0]
+        target = torch.tensor(tokenizer(continuation, add_special_tokens=False).input_ids)
+        input_ids = torch.cat([prompt, target])[None]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[0, len(prompt) :] = target
+        pixels = lmm._image_processor(images=[image], return_tensors="pt")["pixel_values"] if image else None
+        with torch.no_grad():
+            out = model(input_ids=input_ids, labels=labels, images=pixels)
+        assert nll == pytest.approx(out.loss.item(), rel=1e-4, abs=1e-5)
+        shifted = out.logits[0, -len(target) - 1 : -1].argmax(-1)
+        assert greedy == bool((shifted == target).all())
+
+
+def test_generate_until_equals_generate_answers_and_cuts_at_stops(lmm, mini_world):
+    from llava.eval.model_vqa_loader import generate_answers
+
+    rows = task_rows(mini_world)[:5]
+    lmm.task_dict = {"t": {"test": rows}}
+    utils = _utils()
+    kwargs = {"max_new_tokens": 10, "temperature": 0, "do_sample": False}
+    requests = [
+        _instance("generate_until", (r["question"], dict(kwargs), utils.doc_to_visual, i, "t", "test"), i)
+        for i, r in enumerate(rows)
+    ]
+    questions = [{"text": r["question"], "image": utils.doc_to_visual(r)[0]} for r in rows]
+    expected = generate_answers(lmm.model, lmm.tokenizer, lmm._image_processor, questions, max_new_tokens=10,
+                                batch_size=2, progress=False)  # fmt: skip
+    assert lmm.generate_until(requests) == expected  # another batch size, same greedy answers
+    stop = next((a[2:4] for a in expected if len(a) > 4), "zzz")
+    cut = [
+        _instance("generate_until", (*r.args[:1], {**kwargs, "until": [stop]}, *r.args[2:])) for r in requests
+    ]
+    assert lmm.generate_until(cut) == [a.split(stop, 1)[0] for a in expected]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lmms_eval_cli_end_to_end_offline(mini_checkpoint, mini_world, tmp_path, capsys):
+    """`python -m lmms_eval --model llava_aligntI ... --tasks tiny_world,tiny_world_mc` from a fresh folder."""
+    from llava.eval.model_vqa_loader import generate_answers
+    from llava.model.builder import load_pretrained_model
+
+    write_task_jsonl(mini_world, tmp_path / TASK_JSONL)
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "lmms_eval", "--model", "llava_aligntI",
+        "--model_args", f"pretrained={mini_checkpoint},device=cpu", "--tasks", "tiny_world,tiny_world_mc",
+        "--include_path", str(TASKS), "--batch_size", "8", "--output_path", str(out), "--log_samples",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    results_files = sorted(out.rglob("*_results.json"))
+    # lmms-eval exits 0 even when evaluation fails: the results file is the proof of success.
+    assert proc.returncode == 0 and results_files, log
+    results = json.loads(results_files[-1].read_text())["results"]
+    samples = [json.loads(line) for f in out.rglob("*_samples_tiny_world.jsonl") for line in f.open()]
+
+    rows = task_rows(mini_world)
+    tokenizer, model, image_processor, _ = load_pretrained_model(str(mini_checkpoint), device="cpu")
+    questions = [{"text": r["question"], "image": Image.open(r["image_path"]).convert("RGB")} for r in rows]
+    answers = generate_answers(
+        model, tokenizer, image_processor, questions, max_new_tokens=128, progress=False
+    )
+    replies = {s["doc_id"]: s["filtered_resps"] for s in samples}  # doc_id: row index in the jsonl
+    assert replies == dict(enumerate(answers))  # lmms-eval's answers are exactly generate_answers' ones
+
+    summary = summarize([{**r, "prediction": a} for r, a in zip(rows, answers)])
+    for family, stats in summary.items():
+        assert results["tiny_world"][f"{family},none"] == pytest.approx(stats["accuracy"]), family
+    n_closed = sum(r["family"] in ("existence", "choice") for r in rows)
+    assert json.loads(results_files[-1].read_text())["n-samples"]["tiny_world_mc"]["effective"] == n_closed
+    assert 0.0 <= results["tiny_world_mc"]["acc,none"] <= 1.0
+    scores = {family: round(results["tiny_world"][f"{family},none"], 4) for family in summary}
+    with capsys.disabled():  # shown in the normal pytest output too
+        print(f"\nlmms-eval, mini checkpoint: tiny_world {scores}; "  # noqa: T201
+              f"tiny_world_mc acc {results['tiny_world_mc']['acc,none']:.4f}")  # fmt: skip
