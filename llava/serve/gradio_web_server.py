@@ -50,7 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from llava.serve.gradio_ui import build_demo  # imports gradio
+    try:
+        from llava.serve.gradio_ui import build_demo  # imports gradio
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise SystemExit("The demo needs gradio: bash scripts/bootstrap.sh dev,demo (or pip install '.[demo]')") from err
 
     student = ChatModel.load(
         args.model_path, args.model_base, args.device, args.iva_layer, "student", args.conv_mode

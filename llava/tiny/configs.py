@@ -32,8 +32,8 @@ LLM_SIZES = {
         "num_key_value_heads": 2,
     },
     "student": {
-        "hidden_size": 64,
-        "intermediate_size": 160,
+        "hidden_size": 96,
+        "intermediate_size": 256,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # Per-stage hyperparameters of the tiny preset (CPU, fp32).
 TEACHER_STAGES = {
     "stage1": {"data": "pretrain.json", "version": "plain", "epochs": 1, "lr": 2e-3, "batch": 16},
-    "stage2": {"data": "finetune.json", "version": None, "epochs": 2, "lr": 1e-3, "batch": 16},
+    "stage2": {"data": "finetune.json", "version": None, "epochs": 4, "lr": 1e-3, "batch": 16},
 }
 STUDENT_STAGES = {
     "pretrain": {"data": "pretrain.json", "version": "plain", "epochs": 1, "lr": 2e-3, "batch": 16},
