@@ -24,14 +24,13 @@ from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
 from llava.train.data import make_supervised_data_module
-from llava.train.llava_trainer import last_complete_checkpoint
 from llava.train.lora import apply_lora
 from llava.train.train import (
     build_model,
     build_tokenizer,
     record_config,
-    save_model,
     set_trainable,
+    train_and_save,
     training_dtype,
 )
 
@@ -105,12 +104,7 @@ def main() -> None:
     )
     trainer = AlignTITrainer(model=student, args=args, processing_class=tokenizer, teacher=teacher,
                              iva_layer=iva_layer, vocab_size=vocab_size, **data_module)
-    resume = last_complete_checkpoint(args.output_dir)
-    if resume:
-        logger.info("Resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
-    save_model(trainer, model_args, tokenizer, image_processor)
+    train_and_save(trainer, model_args, tokenizer, image_processor)
 
 
 if __name__ == "__main__":

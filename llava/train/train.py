@@ -107,6 +107,16 @@ def save_model(trainer: LLaVATrainer, model_args, tokenizer, image_processor) ->
     atomic_save(write, out)
 
 
+def train_and_save(trainer, model_args: ModelArguments, tokenizer, image_processor) -> None:
+    """Train (resuming from the newest complete checkpoint of output_dir, if any), then save the result."""
+    resume = last_complete_checkpoint(trainer.args.output_dir)
+    if resume:
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_state()
+    save_model(trainer, model_args, tokenizer, image_processor)
+
+
 def train() -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
@@ -124,12 +134,7 @@ def train() -> None:
         tokenizer, data_args, training_args, image_processor, model.num_image_tokens, model_args.version
     )
     trainer = LLaVATrainer(model=model, args=training_args, processing_class=tokenizer, **data_module)
-    resume = last_complete_checkpoint(training_args.output_dir)
-    if resume:
-        logger.info("Resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
-    save_model(trainer, model_args, tokenizer, image_processor)
+    train_and_save(trainer, model_args, tokenizer, image_processor)
 
 
 if __name__ == "__main__":
