@@ -10,6 +10,8 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # GPUs visible to torch (0 on a CPU machine).
 NUM_GPUS="${NUM_GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
 
+DS_CONFIG="${DS_CONFIG:-./scripts/zero2.json}"
+
 # launch MODULE ARGS...: `deepspeed` with $DS_CONFIG on GPUs, plain python on CPU.
 launch() {
     local module="$1"; shift
