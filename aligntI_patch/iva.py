@@ -124,18 +124,14 @@ def llm_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> LLMInputs
         mm = model.prepare_inputs_labels_for_multimodal(
             input_ids, None, attention_mask, None, None, batch.get("images"), token_types=batch["token_types"]
         )
-        embeds, attention_mask, token_types = mm.inputs_embeds, mm.attention_mask, mm.token_types
-        position_ids = mm.position_ids
-    elif batch.get("images") is not None:
+        return LLMInputs(mm.inputs_embeds, mm.attention_mask, mm.position_ids, mm.token_types)
+    if batch.get("images") is not None:
         raise TypeError(
             f"{type(model).__name__} has no prepare_inputs_labels_for_multimodal: it cannot take images"
         )
-    else:
-        embeds, token_types = model.get_input_embeddings()(input_ids), batch["token_types"]
-        position_ids = None
-    if position_ids is None:  # text-only batches: positions follow the mask, for either padding side
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    return LLMInputs(embeds, attention_mask, position_ids, token_types)
+    # a plain transformers model: positions follow the mask, for either padding side
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return LLMInputs(model.get_input_embeddings()(input_ids), attention_mask, position_ids, batch["token_types"])
 
 
 def _decoder(model: nn.Module) -> nn.Module:

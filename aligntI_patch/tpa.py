@@ -478,8 +478,7 @@ def _embed(
         mm = model.prepare_inputs_labels_for_multimodal(
             input_ids, None, attention_mask, None, None, images, token_types=None
         )
-        pos = mm.position_ids if mm.position_ids is not None else _position_ids(mm.attention_mask)
-        return mm.inputs_embeds, mm.attention_mask, pos, mm.source_index
+        return mm.inputs_embeds, mm.attention_mask, mm.position_ids, mm.source_index
     B, T = input_ids.shape
     source_index = torch.arange(T, device=input_ids.device).expand(B, T).masked_fill(attention_mask == 0, -1)
     return model.get_input_embeddings()(input_ids), attention_mask, _position_ids(attention_mask), source_index

@@ -88,7 +88,7 @@ class AlignTITrainer(LLaVATrainer):
             inputs["input_ids"], None, inputs["attention_mask"], None, inputs["labels"], inputs.get("images"),
             token_types=inputs["token_types"])
         labels, types, mask = s_mm.labels, s_mm.token_types, s_mm.attention_mask
-        position_ids = s_mm.position_ids if s_mm.position_ids is not None else (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = s_mm.position_ids
         needs_teacher = bool(enabled - {"sft"})
         t_embeds = None
         if needs_teacher:

@@ -23,7 +23,11 @@ from .multimodal_projector.builder import build_vision_projector
 
 
 class MultimodalInputs(NamedTuple):
-    """Output of `prepare_inputs_labels_for_multimodal`; all [B, T'] tensors share the expanded layout."""
+    """Output of `prepare_inputs_labels_for_multimodal`; all [B, T'] tensors share the expanded layout.
+
+    `position_ids` is always set (from the mask unless the caller gave some for a text-only batch);
+    `source_index[b, j]` is the index in `input_ids` of position j, -1 wherever the mask is 0.
+    """
 
     input_ids: None
     position_ids: torch.Tensor | None
@@ -127,7 +131,10 @@ class LlavaMetaForCausalLM:
             if bool(is_image.any()):
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no images were given")
             inputs_embeds = embed(input_ids)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)
             source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            source = source.masked_fill(attention_mask == 0, -1)
             return MultimodalInputs(
                 None, position_ids, attention_mask, past_key_values, inputs_embeds, labels, token_types, source
             )
@@ -151,10 +158,15 @@ class LlavaMetaForCausalLM:
         inputs_embeds = embed(torch.where(visual, 0, ids))
         flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(visual.unsqueeze(-1), flat)
-        new_position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return MultimodalInputs(
-            None, new_position_ids, mask, past_key_values, inputs_embeds, new_labels, types, source
+            None, positions_from_mask(mask), mask, past_key_values, inputs_embeds, new_labels, types,
+            source.masked_fill(mask == 0, -1),
         )
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the mask, so left- and right-padded rows get the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def expand_source_index(is_image: torch.Tensor, attention_mask: torch.Tensor, num_patches: int) -> torch.Tensor:
