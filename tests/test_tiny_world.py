@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from llava.tiny.questions import FAMILIES, PLURALS, SHORT_SUFFIX
+from llava.tiny.scenes import HELDOUT_COMBOS, POSITIONS, Scene
 from llava.tiny.score import description_facts, format_table, normalize, score_answer, summarize
-from llava.tiny.world import (
-    FAMILIES,
-    HELDOUT_COMBOS,
-    PLURALS,
-    POSITIONS,
-    SHORT_SUFFIX,
-    Scene,
-    generate_world,
-    load_scenes,
-)
+from llava.tiny.world import generate_world, load_scenes
 
 SMALL = {"n_train": 40, "n_val": 21, "n_test": 42}
 CELLS = {phrase: cell for cell, phrase in POSITIONS.items()}

@@ -21,7 +21,8 @@ import re
 import string
 from collections import defaultdict
 
-from llava.tiny.world import COLORS, FAMILIES, POSITIONS, SHAPES, SIZES
+from llava.tiny.questions import FAMILIES
+from llava.tiny.scenes import COLORS, POSITIONS, SHAPES, SIZES
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _ARTICLES = {"a", "an", "the"}

@@ -24,7 +24,7 @@ from transformers import SiglipVisionModel
 
 from llava.mm_utils import process_images
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
-from llava.tiny.world import COLORS, SHAPES, SIZES, WORDS
+from llava.tiny.scenes import COLORS, SHAPES, SIZES, WORDS
 
 logger = logging.getLogger(__name__)
 TEXTS = (*WORDS, *map(str, range(100)))
