@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 
 from aligntI_patch.divergences import DIVERGENCES
 from aligntI_patch.iva import IVA_SOURCES
-from llava.train.arguments import TrainingArguments
+from llava.train.arguments import ATTN_IMPLEMENTATIONS, TrainingArguments
 
 
 @dataclass
 class DistillArguments(TrainingArguments):
     teacher_model_path: str | None = field(default=None, metadata={"help": "Local LLaVA-Qwen teacher checkpoint"})
+    teacher_attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Teacher LLM attention: sdpa, eager, flash_attention_2 or flex_attention (default: sdpa). "
+                          "The teacher only runs forward, so flex_attention works on CPU too."},
+    )
     w_sft: float = field(default=1.0, metadata={"help": "Weight of L_sft (0 disables it)"})
     w_kd: float = field(default=1.0, metadata={"help": "Weight of L_kd, Eq. 2 (0 disables it)"})
     w_iva: float = field(default=1.0, metadata={"help": "Weight of L_iva, Eq. 3 (0 disables it)"})
@@ -38,6 +43,9 @@ class DistillArguments(TrainingArguments):
         super().__post_init__()
         if not self.teacher_model_path and (self.w_kd or self.w_iva or self.w_tpa or self.on_policy_prob):
             raise ValueError("--teacher_model_path is required unless only --w_sft is used")
+        impl = self.teacher_attn_implementation
+        if impl is not None and impl not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"--teacher_attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
         for name in ("w_sft", "w_kd", "w_iva", "w_tpa"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")

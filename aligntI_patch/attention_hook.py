@@ -8,8 +8,11 @@ Design choices:
   q/k projections, Qwen3's q_norm/k_norm when the module has them, RoPE, GQA repeat, scaling, mask.
   The layer itself then runs unchanged with whatever `config._attn_implementation` says.
 - The mask the module receives is used as given: a 4D bool mask (True = attend, sdpa), a 4D additive
-  float mask (eager), a 2D padding mask (flash attention) or None (sdpa's `is_causal` fast path, i.e. no
-  padding), in which case causality is rebuilt from sequence indices.
+  float mask (eager), a 2D padding mask (flash attention), None (sdpa's `is_causal` fast path, i.e. no
+  padding), in which case causality is rebuilt from sequence indices, or a FlexAttention `BlockMask`
+  (flex_attention). A BlockMask's `mask_mod` is evaluated at the selected query rows x all keys only
+  (B x h x Q_max x T bools, never T x T); its `to_dense()` has one entry per block (is any query-key pair
+  of that tile allowed), not per token, so it is not used.
 - Scores and softmax are computed in float32 whatever the model dtype (like eager's softmax), and the
   result is always detached: it serves as importance weights (teacher, or student for Tab. 8), never
   as something to backpropagate through.
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 
 __all__ = ["AttentionCapture", "capture_attention", "decoder_layers", "rotary_rows"]
 
@@ -88,16 +92,38 @@ def _select_queries(query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
+def _block_mask_rows(block_mask: BlockMask, query_index: torch.Tensor, t_k: int) -> torch.Tensor:
+    """Exact bool mask (B, 1|h, Q_max, T_k) of a FlexAttention BlockMask at the selected query rows.
+
+    Evaluates `block_mask.mask_mod` (exact, unlike the block-granular `to_dense()`) through torch's
+    `create_mask`, with query axis u standing for sequence index query_index[b, u].
+    """
+    batch = query_index.shape[0]
+    mask_batch, heads = block_mask.shape[:2]
+    if mask_batch not in (1, batch) or block_mask.seq_lengths[1] != t_k:
+        raise ValueError(
+            f"BlockMask of shape {block_mask.shape} does not fit a batch of {batch} with {t_k} keys"
+        )
+    mask_mod = block_mask.mask_mod
+    broadcast = mask_batch == 1  # one mask for the whole batch: its mask_mod only knows b = 0
+
+    def on_selected_rows(b: torch.Tensor, h: torch.Tensor, u: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return mask_mod(torch.zeros_like(b) if broadcast else b, h, query_index[b, u], kv)
+
+    return create_mask(on_selected_rows, batch, heads, query_index.shape[1], t_k, device=query_index.device)
+
+
 def _additive_mask(
-    mask: torch.Tensor | None, query_index: torch.Tensor, t_k: int, sliding_window: int | None
+    mask: torch.Tensor | BlockMask | None, query_index: torch.Tensor, t_k: int, sliding_window: int | None
 ) -> torch.Tensor:
     """Additive float32 mask (B, 1|h, Q_max, T_k) for the selected queries, from what the layer received."""
     neg = torch.finfo(torch.float32).min
     device = query_index.device
+    if isinstance(mask, BlockMask):
+        # flex_attention: the mask_mod already holds causality, padding and any sliding window
+        return torch.where(_block_mask_rows(mask, query_index, t_k), 0.0, neg)
     if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError(
-            f"unsupported attention mask type {type(mask).__name__} (flex BlockMask?): use sdpa or eager"
-        )
+        raise TypeError(f"unsupported attention mask type {type(mask).__name__}")
     if mask is None or mask.dim() == 2:
         # No mask (sdpa is_causal, no padding) or a 2D padding mask (flash): causal on sequence indices.
         keys = torch.arange(t_k, device=device)
@@ -124,7 +150,7 @@ def _attention_rows(
     hidden: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | BlockMask | None,
     query_index: torch.Tensor,
     query_valid: torch.Tensor,
 ) -> torch.Tensor:

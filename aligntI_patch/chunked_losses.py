@@ -20,7 +20,9 @@ Design choices:
 - Both losses return SUMS over positions, not means: the trainer divides by the global token count, so
   gradient accumulation and data parallelism give the same update as one large batch.
 - The teacher side is constant: its hidden states and head are detached, its logits built without grad.
-- Under DeepSpeed ZeRO-3 the caller must pass gathered (full) head weights.
+- Under DeepSpeed ZeRO-3 the caller must pass gathered (full) head weights (`zero3.py`: the trainer holds the
+  student's for its whole forward and backward, so dL/dW reaches the parameter's own AccumulateGrad and ZeRO-3's
+  gradient hook, and gathers the teacher's around the losses).
 """
 
 from collections.abc import Callable

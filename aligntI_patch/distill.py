@@ -20,6 +20,7 @@ import transformers
 from aligntI_patch.arguments import DistillArguments
 from aligntI_patch.irs import irs_per_layer, load_paired_batches, select_iva_layer, write_irs
 from aligntI_patch.trainer import AlignTITrainer
+from aligntI_patch.zero3 import prepare_teacher, whole_weights, zero3_enabled
 from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
@@ -42,13 +43,16 @@ def load_teacher(args: DistillArguments, device: torch.device):
     if not os.path.isdir(args.teacher_model_path):
         raise FileNotFoundError(f"--teacher_model_path {args.teacher_model_path!r} is not a local directory")
     tokenizer, teacher, _, _ = load_pretrained_model(
-        args.teacher_model_path, device=str(device), torch_dtype=training_dtype(args)
+        args.teacher_model_path, device=str(device), torch_dtype=training_dtype(args),
+        attn_implementation=args.teacher_attn_implementation,
     )
     return tokenizer, teacher.eval().requires_grad_(False)
 
 
 def check_pair(student, teacher, student_tok, teacher_tok, args: DistillArguments, student_path: str) -> int:
-    """Errors before training: different tokenizers, N_v mismatch, ZeRO-3. Returns the shared vocab size."""
+    """Errors before training: different tokenizers, N_v mismatch. Returns the shared vocab size.
+
+    Reads full weight shapes: call it before DeepSpeed partitions the models."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
         raise ValueError(
             f"Teacher tokenizer ({args.teacher_model_path}, {len(teacher_tok)} tokens) differs from the student's "
@@ -62,8 +66,6 @@ def check_pair(student, teacher, student_tok, teacher_tok, args: DistillArgument
     rows = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
     if len(student_tok) > rows:
         raise ValueError(f"Tokenizer has {len(student_tok)} tokens but an lm_head has only {rows} rows")
-    if args.deepspeed and "zero3" in str(args.deepspeed):
-        raise NotImplementedError("Distillation runs under ZeRO-2 (the paper's setting); ZeRO-3 is not supported yet")
     return len(student_tok)
 
 
@@ -89,15 +91,20 @@ def main() -> None:
     model_args, data_args, args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
 
-    student = build_model(model_args, args)
+    # ZeRO-3: both load whole on the CPU; DeepSpeed moves them to the GPU one shard at a time when it wraps them
+    with whole_weights(args):
+        student = build_model(model_args, args)
+        teacher_tok, teacher = load_teacher(args, torch.device("cpu") if zero3_enabled(args) else args.device)
     set_trainable(student, model_args, args)
     if args.lora_enable:
         student = apply_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias)
     tokenizer = build_tokenizer(model_args, args, student)
     image_processor = load_image_processor(model_args.vision_tower or student.get_vision_tower().config)
     record_config(student, model_args, data_args, args)
-    teacher_tok, teacher = load_teacher(args, args.device)
     vocab_size = check_pair(student, teacher, tokenizer, teacher_tok, args, model_args.model_name_or_path)
+    # ZeRO-3: the teacher partitioned in an inference engine, which must live as long as training (its __del__
+    # removes the hooks that gather the weights); otherwise unchanged
+    teacher, teacher_engine = prepare_teacher(teacher, args)
     iva_layer = choose_iva_layer(args, data_args, teacher, tokenizer, image_processor, model_args.version)
     data_module = make_supervised_data_module(
         tokenizer, data_args, args, image_processor, student.num_image_tokens, model_args.version

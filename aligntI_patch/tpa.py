@@ -21,8 +21,11 @@ Design choices
   same loss, same gradients.
 - Sampling computes logits only at the positions k-1 that predict response tokens, in chunks: never a
   ``[B, T, V]`` tensor in the training path.
-- Masks need ``sdpa`` (bool) or ``eager`` (additive float) attention. ``flash_attention_2`` treats the
-  candidates' repeated position ids as packed sequences, and FlexAttention needs a BlockMask (not built here).
+- Masks follow the model's attention implementation: ``sdpa`` a bool 4D mask, ``eager`` an additive one,
+  ``flex_attention`` a BlockMask (``ribbon_block_mask.py``: empty blocks skipped; CUDA for the student's pass,
+  as torch has no FlexAttention backward on CPU). transformers passes any 4D mask through untouched.
+  ``flash_attention_2`` takes no 4D mask and treats the candidates' repeated position ids as packed
+  sequences: it runs ``ground_truth_pass`` only.
 
 Loss bookkeeping for the caller (Eq. 7): with ``rows = tpa_forward(...).rows``,
 ``L_tpa = sum_rows rows.weight * D(teacher_cand, student_cand) + sum_k rows.gt_weight[b, k] * D(teacher_gt[b, k], student_gt[b, k])``.
@@ -35,10 +38,14 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from aligntI_patch.ribbon_block_mask import candidate_rows_block_mask, ribbon_block_mask
 from aligntI_patch.ribbon_mask import candidate_position_ids, candidate_rows_mask, ribbon_mask, to_additive
+from aligntI_patch.zero3 import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +195,14 @@ def sample_candidates_from_hidden(
     valid = cand_pos >= 0
     prev = gather_positions(hidden.detach(), (cand_pos - 1).masked_fill(~valid, -1))[valid]  # (N, H)
     head = lm.get_output_embeddings()
-    draws = [
-        sample_from_logits(head(chunk), d, strategy, top_p, temperature, generator)
-        for chunk in prev.split(chunk_size)
-    ]
+    # lm_head through its weight, gathered once: under ZeRO-3 each module call is a collective, and the number
+    # of chunks differs between ranks
+    with gathered(head.weight, head.bias):
+        draws = [
+            sample_from_logits(F.linear(chunk, head.weight, head.bias), d, strategy, top_p, temperature,
+                               generator)
+            for chunk in prev.split(chunk_size)
+        ]
     out = torch.zeros(B, R, d, dtype=torch.long, device=hidden.device)
     if draws:
         out[valid] = torch.cat(draws)
@@ -252,17 +263,27 @@ def dedupe_candidates(cand_pos: torch.Tensor, candidates: torch.Tensor, input_id
 # ----------------------------------------------------------------------------- the parallel pass
 
 
-def _mask_for(lm: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The bool ribbon mask in the form the model's attention implementation takes."""
+def _ribbon_attention_mask(
+    lm: nn.Module, attention_mask: torch.Tensor, cand_pos: torch.Tensor, dtype: torch.dtype, cached: bool
+) -> torch.Tensor | BlockMask:
+    """The ribbon mask (Fig. 5) in the form ``lm``'s attention implementation takes, passed through as-is.
+
+    ``cached=False``: the appended pass, ``[B, 1, T+M, T+M]``; ``cached=True``: the M candidate rows against a
+    cache of the T ground-truth keys, ``[B, 1, M, T+M]``. ``sdpa`` takes the bool mask, ``eager`` the additive
+    one, ``flex_attention`` a BlockMask (transformers would add a tensor mask to the scores there, a bool one
+    wrongly). ``flash_attention_2`` takes no 4D mask and reads the candidates' repeated position
+    ids as packed sequences: it can run ``ground_truth_pass`` only.
+    """
     impl = lm.config._attn_implementation
-    if impl == "sdpa":
-        return mask
-    if impl == "eager":
-        return to_additive(mask, dtype)
-    raise ValueError(
-        f"TPA candidate rows need a 4D tensor mask; attn_implementation {impl!r} is not supported "
-        "(use 'sdpa' or 'eager')"
-    )
+    if impl == "flex_attention":
+        return (candidate_rows_block_mask if cached else ribbon_block_mask)(attention_mask, cand_pos, 1)
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(
+            f"TPA candidate rows need a 4D mask; attn_implementation {impl!r} is not supported "
+            "(use 'sdpa', 'eager' or 'flex_attention')"
+        )
+    mask = (candidate_rows_mask if cached else ribbon_mask)(attention_mask, cand_pos, 1)
+    return mask if impl == "sdpa" else to_additive(mask, dtype)
 
 
 def cache_available(lm: nn.Module) -> bool:
@@ -317,20 +338,19 @@ def candidate_pass(
         attention_mask: ``[B, T]`` padding mask of the ground truth; ``position_ids``: its ``[B, T]`` ids.
         cand_pos, cand_ids: ``[B, M]`` rows (``CandidateRows.pos`` / ``.ids``).
     """
-    embed = lm.get_input_embeddings()
     B, M = cand_ids.shape
-    if M == 0:
-        return embed.weight.new_zeros(B, 0, embed.weight.shape[1])
-    embeds = embed(cand_ids)  # (B, M, H)
-    mask = candidate_rows_mask(attention_mask, cand_pos, 1)  # (B, 1, M, T + M)
+    if M == 0:  # one padding row (it sees itself only), dropped below: all ZeRO-3 ranks run the same modules
+        cand_pos, cand_ids = cand_pos.new_full((B, 1), -1), cand_ids.new_zeros(B, 1)
+    embeds = lm.get_input_embeddings()(cand_ids)  # (B, M, H)
+    mask = _ribbon_attention_mask(lm, attention_mask, cand_pos, embeds.dtype, cached=True)  # (B, 1, M, T + M)
     out = lm.get_decoder()(
         inputs_embeds=embeds,
-        attention_mask=_mask_for(lm, mask, embeds.dtype),
+        attention_mask=mask,
         position_ids=candidate_position_ids(position_ids, cand_pos, 1),
         cache=cache,
         use_cache=True,
     )
-    return out.last_hidden_state
+    return out.last_hidden_state[:, :M]
 
 
 def appended_pass(
@@ -347,13 +367,13 @@ def appended_pass(
     """
     T = inputs_embeds.shape[1]
     embeds = torch.cat([inputs_embeds, lm.get_input_embeddings()(cand_ids)], dim=1)  # (B, T + M, H)
-    mask = ribbon_mask(attention_mask, cand_pos, 1)  # (B, 1, T + M, T + M)
+    mask = _ribbon_attention_mask(lm, attention_mask, cand_pos, embeds.dtype, cached=False)  # (B, 1, T+M, T+M)
     pos_ids = torch.cat(
         [position_ids.expand(inputs_embeds.shape[0], -1), candidate_position_ids(position_ids, cand_pos, 1)], dim=1
     )
     hidden = lm.get_decoder()(
         inputs_embeds=embeds,
-        attention_mask=_mask_for(lm, mask, embeds.dtype),
+        attention_mask=mask,
         position_ids=pos_ids,
         use_cache=False,
     ).last_hidden_state

@@ -11,11 +11,15 @@ Design choices:
 - Every term is a token SUM divided by its count over the whole global batch (all accumulation micro-batches
   and processes, counted in `get_batch_samples`): 2 x 4 accumulation equals one batch of 8 exactly.
   Response terms divide by response tokens, IVA by the samples that have an image (Eq. 3 is per sample).
+- The term sums run as the student's forward called through its DeepSpeed engine or DDP wrapper, so the
+  wrapper's bookkeeping runs as for `model(**inputs)`. Under ZeRO-3 the teacher is partitioned too
+  (`zero3.py`), directly read lm_head weights are gathered, and every rank calls the same modules in order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 
@@ -27,6 +31,7 @@ from aligntI_patch.iva import importance_from_attention, iva_weights
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
 from aligntI_patch.on_policy import on_policy_batch
 from aligntI_patch.tpa import TPAConfig, ground_truth_pass, tpa_forward
+from aligntI_patch.zero3 import encode_images_once, gathered, hold_lm_head, through_wrapper
 from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 from llava.train.llava_trainer import LLaVATrainer
 
@@ -38,6 +43,7 @@ class AlignTITrainer(LLaVATrainer):
     def __init__(self, *args, teacher: nn.Module, iva_layer: int, vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
+        hold_lm_head(self.model, self.args)
         self.iva_layer = iva_layer
         self.vocab_size = vocab_size
         a = self.args
@@ -70,7 +76,7 @@ class AlignTITrainer(LLaVATrainer):
         student = self.accelerator.unwrap_model(model)
         if self.args.on_policy_prob and self.on_policy_rng.random() < self.args.on_policy_prob:
             inputs = on_policy_batch(student, inputs, self.processing_class, self.args.on_policy_max_new_tokens)
-        sums = self.term_sums(student, inputs)
+        sums = through_wrapper(model, student, functools.partial(self.term_sums, student), inputs)
         scale = {"sft": "response", "kd": "response", "tpa": "response", "iva": "images"}
         terms = {k: v / self.global_counts[scale[k]] for k, v in sums.items()}
         total = sum(self.weights[k] * terms[k] for k in terms)
@@ -84,17 +90,21 @@ class AlignTITrainer(LLaVATrainer):
         """Weighted token sums of every enabled term for one micro-batch."""
         a = self.args
         enabled = {k for k in TERMS if self.weights[k] > 0}
+        images = inputs.get("images")
+        blank = encode_images_once(student, images, a)
         s_mm = student.prepare_inputs_labels_for_multimodal(
-            inputs["input_ids"], None, inputs["attention_mask"], None, inputs["labels"], inputs.get("images"),
+            inputs["input_ids"], None, inputs["attention_mask"], None, inputs["labels"], images,
             token_types=inputs["token_types"])
         labels, types, mask = s_mm.labels, s_mm.token_types, s_mm.attention_mask
         position_ids = s_mm.position_ids
+        s_embeds = s_mm.inputs_embeds if blank is None else s_mm.inputs_embeds + 0 * blank.sum()
         needs_teacher = bool(enabled - {"sft"})
         t_embeds = None
         if needs_teacher:
             with torch.no_grad():
+                encode_images_once(self.teacher, images, a)
                 t_mm = self.teacher.prepare_inputs_labels_for_multimodal(
-                    inputs["input_ids"], None, inputs["attention_mask"], None, None, inputs.get("images"),
+                    inputs["input_ids"], None, inputs["attention_mask"], None, None, images,
                     token_types=inputs["token_types"])
             t_embeds = t_mm.inputs_embeds.to(self.teacher.dtype)
         use_iva = "iva" in enabled and a.iva_weight_source != "uniform"
@@ -105,39 +115,46 @@ class AlignTITrainer(LLaVATrainer):
             if "tpa" in enabled:
                 response = types == TokenType.RESPONSE
                 response[:, 0] = False
-                fwd = tpa_forward(student, self.teacher, s_mm.inputs_embeds, t_embeds, mask, position_ids, response,
+                fwd = tpa_forward(student, self.teacher, s_embeds, t_embeds, mask, position_ids, response,
                                   labels, self.tpa_cfg, self.generator)
                 s_hidden, t_hidden = fwd.student_gt, fwd.teacher_gt
             else:
-                s_hidden, _ = ground_truth_pass(student, s_mm.inputs_embeds, mask, position_ids, use_cache=False)
+                s_hidden, _ = ground_truth_pass(student, s_embeds, mask, position_ids, use_cache=False)
                 t_hidden = None
                 if needs_teacher:
                     with torch.no_grad():
                         t_hidden, _ = ground_truth_pass(self.teacher, t_embeds, mask, position_ids, use_cache=False)
-        s_head, t_head = student.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
+        s_head = student.get_output_embeddings().weight
+        t_head = self.teacher.get_output_embeddings().weight if needs_teacher else None
         common = {"kind": a.divergence, "vocab_size": self.vocab_size, "chunk_size": a.loss_chunk_size,
                   **a.divergence_kwargs}
         sums = {}
-        if "sft" in enabled:
-            sums["sft"] = sft_loss(s_hidden, s_head, labels, a.loss_chunk_size)
-        if "kd" in enabled:
-            sums["kd"] = kd_loss(s_hidden, s_head, t_hidden, t_head, labels, **common)
-        if "iva" in enabled:
-            alpha = None
-            if use_iva:
-                alpha = importance_from_attention(capture.attn, capture.query_valid, types == TokenType.VISUAL)
-            weights = iva_weights(alpha, types, a.iva_weight_source, a.iva_normalize)
-            sums["iva"] = iva_loss(s_hidden, s_head, t_hidden, t_head, weights, **common)
-        if "tpa" in enabled:
-            sums["tpa"] = tpa_loss(fwd.rows, fwd.student_gt, fwd.student_cand, fwd.teacher_gt, fwd.teacher_cand,
-                                   s_head, t_head, **common)
+        with gathered(s_head, t_head):  # ZeRO-3: the teacher's head is read directly (the student's is held)
+            if "sft" in enabled:
+                sums["sft"] = sft_loss(s_hidden, s_head, labels, a.loss_chunk_size)
+            if "kd" in enabled:
+                sums["kd"] = kd_loss(s_hidden, s_head, t_hidden, t_head, labels, **common)
+            if "iva" in enabled:
+                alpha = None
+                if use_iva:
+                    visual = types == TokenType.VISUAL
+                    alpha = importance_from_attention(capture.attn, capture.query_valid, visual)
+                weights = iva_weights(alpha, types, a.iva_weight_source, a.iva_normalize)
+                sums["iva"] = iva_loss(s_hidden, s_head, t_hidden, t_head, weights, **common)
+            if "tpa" in enabled:
+                sums["tpa"] = tpa_loss(fwd.rows, fwd.student_gt, fwd.student_cand, fwd.teacher_gt,
+                                       fwd.teacher_cand, s_head, t_head, **common)
         return sums
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Each term on its own (mean over the micro-batches since the last log), beside HF's total loss."""
         if "loss" in logs and self.term_log:
             steps = max(self.state.global_step - getattr(self, "_last_term_log_step", 0), 1)
-            for k, v in self.term_log.items():  # per-micro-batch shares of a step add up to the step's term
+            # per-micro-batch and per-process shares of a step add up to the step's term
+            shares = torch.tensor(list(self.term_log.values()), device=self.args.device)
+            if self.args.world_size > 1:
+                shares = self.accelerator.reduce(shares, reduction="sum")
+            for k, v in zip(self.term_log, shares.tolist()):
                 logs[f"loss_{k}"] = round(v / steps, 4)
             logs["tokens_response"] = self.global_counts["response"]
             logs["samples_image"] = self.global_counts["images"]

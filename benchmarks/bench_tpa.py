@@ -25,6 +25,7 @@ Random tiny models are near uniform, which is the worst case for dedupe.
     python benchmarks/bench_tpa.py --device cuda --dtype bfloat16 --visual 729 --instruction 64 \\
         --response 64 --student-hidden 896 --student-layers 24 --teacher-hidden 1536 --teacher-layers 28 \\
         --vocab 151936 --batch 4
+    python benchmarks/bench_tpa.py --device cuda --attn flex_attention    # ribbon as a BlockMask (compiled)
 """
 
 import argparse
@@ -182,7 +183,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention"],
+                   help="flex_attention: the ribbon as a BlockMask, CUDA only (no FlexAttention backward on CPU)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--visual", type=int, default=182, help="visual tokens (paper: 729 SigLIP patches)")
     p.add_argument("--instruction", type=int, default=16, help="instruction tokens (paper-like: 64)")
@@ -201,6 +203,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=7)
     args = p.parse_args()
+    if args.attn == "flex_attention" and not args.device.startswith("cuda"):
+        p.error("--attn flex_attention needs --device cuda: torch has no FlexAttention backward on CPU")
     torch.set_num_threads(args.threads)
 
     student = build_lm(args.student_hidden, args.student_layers, args, seed=0).train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from torch.nn.attention.flex_attention import create_block_mask
 
 from aligntI_patch.attention_hook import _additive_mask, _select_queries, capture_attention, decoder_layers
 
@@ -60,11 +61,20 @@ def eager_attentions(model, ids, mask, positions, layer: int) -> torch.Tensor:
     return out.attentions[layer]  # (B, heads, T, T)
 
 
+@pytest.fixture(scope="module")
+def flex_models() -> dict[str, transformers.PreTrainedModel]:
+    """One flex_attention model per arch for the module: transformers compiles flex_attention (inductor's CPU
+    backend, ~30 s cold) and the BlockMask creation once per process and mask pattern; later calls reuse them."""
+    return {arch: tiny_model(arch, "flex_attention") for arch in ("qwen2", "qwen3")}
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_rows_equal_eager_output_attentions(arch: str, padding: str, attn: str) -> None:
-    model = tiny_model(arch, attn)
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_rows_equal_eager_output_attentions(request, arch: str, padding: str, attn: str) -> None:
+    # flex_attention on CPU: forward only (no grad), which is all a capture needs
+    flex = attn == "flex_attention"
+    model = request.getfixturevalue("flex_models")[arch] if flex else tiny_model(arch, attn)
     ids, mask, positions = padded_inputs(padding)
     queries = query_mask_for(mask)
     layer = 1
@@ -155,3 +165,34 @@ def test_two_dimensional_padding_mask_matches_four_dimensional() -> None:
     torch.testing.assert_close(
         _additive_mask(float_4d, index, T, None), _additive_mask(four_d, index, T, None)
     )
+
+
+def test_block_mask_is_read_exactly_at_the_query_rows() -> None:
+    """A BlockMask (flex_attention) gives the additive mask of the equal dense 4D mask, partial blocks included;
+    per-head masks and a batch-broadcast (B=1) mask are read as flex reads them."""
+    _, mask, _ = padded_inputs("left")
+    index, _ = _select_queries(query_mask_for(mask))
+    pad = mask.bool()
+
+    def causal_padding(b, h, q, kv):
+        return (kv <= q) & pad[b, kv]
+
+    block_mask = create_block_mask(causal_padding, B, None, T, T, device="cpu", BLOCK_SIZE=8)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    four_d = (causal[None] & pad[:, None, :])[:, None]  # (B, 1, T, T)
+    # to_dense() has one entry per 8 x 8 block, not per token: the hook must evaluate the mask_mod
+    assert block_mask.to_dense().shape == (B, 1, 2, 2)
+    expected = _additive_mask(four_d, index, T, None)
+    torch.testing.assert_close(_additive_mask(block_mask, index, T, None), expected)
+
+    def window_per_head(b, h, q, kv):  # head h sees the last h + 2 keys, causally; one mask for the batch
+        return (kv <= q) & (kv > q - h - 2)
+
+    heads = 2
+    block_mask = create_block_mask(window_per_head, 1, heads, T, T, device="cpu")
+    q, kv = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    dense = torch.stack([(kv <= q) & (kv > q - h - 2) for h in range(heads)])[None].expand(B, -1, -1, -1)
+    expected = _additive_mask(dense, index, T, None)  # (B, heads, Q_max, T)
+    torch.testing.assert_close(_additive_mask(block_mask, index, T, None), expected)
+    with pytest.raises(ValueError, match="does not fit"):
+        _additive_mask(block_mask, index, T + 1, None)

@@ -117,3 +117,20 @@ def test_lora_checkpoint_with_model_base(tmp_path, tokenizer):
     _, loaded, _, _ = load_pretrained_model(str(out), model_base=str(base), device="cpu")
     assert not torch.allclose(expected, _logits(mini_llava(tokenizer), tokenizer))
     torch.testing.assert_close(_logits(loaded, tokenizer), expected, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_flex_attention_load_equals_sdpa(mini_checkpoint, tokenizer):
+    """A flex_attention load (forward only, so CPU is fine: the teacher / inference case) gives sdpa's logits
+    on a left-padded batch with images; the LLM runs FlexAttention, the SigLIP tower keeps its own default."""
+    _, flex, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu", attn_implementation="flex_attention")
+    _, sdpa, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu", attn_implementation="sdpa")
+    assert flex.config._attn_implementation == "flex_attention"
+    ids = torch.tensor([[1] + tokenizer("Hello").input_ids + [IMAGE_TOKEN_INDEX] + tokenizer("red?").input_ids] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    got, ref = (m(input_ids=ids, attention_mask=mask, images=images).logits for m in (flex, sdpa))
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1, 2:], ref[1, 2:], rtol=0, atol=1e-5)  # padding rows differ (flex: zeros)

@@ -195,3 +195,13 @@ def test_on_policy_batch_replaces_responses_with_student_samples(tmp_path, pair,
         assert 1 <= len(resp) <= 7 and int(resp[-1]) == eos
         assert (new["token_types"][b][new["labels"][b] != IGNORE_INDEX] == TokenType.RESPONSE).all()
     assert trainer.model.training  # training mode restored
+
+
+def test_teacher_attention_implementation(tmp_path, pair):
+    """--teacher_attn_implementation reaches the teacher's LLM (flex works there on CPU: forward only)."""
+    _, teacher_path = pair
+    _, teacher = load_teacher(_args(tmp_path, teacher_path, teacher_attn_implementation="flex_attention"),
+                              torch.device("cpu"))
+    assert teacher.config._attn_implementation == "flex_attention"
+    with pytest.raises(ValueError, match="teacher_attn_implementation"):
+        _args(tmp_path, teacher_path, teacher_attn_implementation="flash")

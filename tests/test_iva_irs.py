@@ -22,6 +22,7 @@ from aligntI_patch.iva import (
     importance_per_layer,
     instruction_vision_importance,
     iva_weights,
+    llm_inputs,
     normalize_alpha,
     source_model,
 )
@@ -310,7 +311,45 @@ def test_select_iva_layer(tmp_path) -> None:
     assert chosen == max(range(3), key=scores.__getitem__)
 
 
-def test_alpha_through_the_llava_layout_with_images() -> None:
+def eager_alpha(model: torch.nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """Reference alpha (B, N_v) from eager output_attentions in the expanded layout, whatever `model` runs."""
+    inputs = llm_inputs(model, batch)
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attn = model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                         position_ids=inputs.position_ids, output_attentions=True).attentions[layer]  # fmt: skip
+    finally:
+        model.set_attn_implementation(impl)
+    attn = attn.mean(1)  # (B, T', T'): mean over heads
+    types = inputs.token_types
+    rows = [attn[b][types[b] == N][:, types[b] == V] for b in range(len(attn))]  # (N_i, N_v) each
+    return torch.stack([r.mean(0) for r in rows])  # (B, N_v)
+
+
+@pytest.fixture(scope="module")
+def flex_lms() -> dict[str, transformers.PreTrainedModel]:
+    """flex_attention tiny models, one per arch, shared by the module (flex_attention compiles once per process)."""
+    models = {arch: tiny_model(arch) for arch in ("qwen2", "qwen3")}
+    for model in models.values():
+        model.set_attn_implementation("flex_attention")
+    return models
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_alpha_under_flex_attention_equals_eager(flex_lms, arch: str, pad_left: bool) -> None:
+    """The teacher's ground-truth pass under flex_attention hands the hook a BlockMask (causal + padding)."""
+    model = flex_lms[arch]
+    batch = make_batch([LAYOUT, LAYOUT[:-2], [TM, V, V, V, V, N, N, TM, R]], seed=7, pad_left=pad_left)
+    alpha = instruction_vision_importance(model, batch, 1)
+    assert model.config._attn_implementation == "flex_attention"
+    torch.testing.assert_close(alpha, eager_alpha(model, batch, 1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_alpha_through_the_llava_layout_with_images(attn: str) -> None:
     """With images, alpha is read in the expanded layout made by prepare_inputs_labels_for_multimodal."""
     llava_qwen = pytest.importorskip("llava.model.language_model.llava_qwen")
     from llava.constants import IMAGE_TOKEN_INDEX
@@ -321,7 +360,9 @@ def test_alpha_through_the_llava_layout_with_images() -> None:
                                      num_attention_heads=4, num_key_value_heads=2, mm_vision_tower="tiny",
                                      mm_vision_config=vision.to_dict(), mm_hidden_size=16)  # fmt: skip
     torch.manual_seed(0)
-    model = llava_qwen.LlavaQwenForCausalLM(cfg).eval()
+    # from_config sets the LLM's attention only; the SigLIP tower keeps sdpa (no flex compile for it)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    assert type(model) is llava_qwen.LlavaQwenForCausalLM and model.config._attn_implementation == attn
     ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 0], [0, 0, 5, IMAGE_TOKEN_INDEX, 7, 8, 10]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]])
     types = torch.tensor([[TM, V, N, N, N, R, P], [P, P, TM, V, N, N, R]])
@@ -333,17 +374,7 @@ def test_alpha_through_the_llava_layout_with_images() -> None:
     }
     alpha = instruction_vision_importance(model, batch, 1)
     assert alpha.shape == (2, model.num_image_tokens)
-
-    mm = model.prepare_inputs_labels_for_multimodal(
-        ids, None, mask, None, None, batch["images"], token_types=types
-    )
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        attn = model(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
-                     position_ids=mm.position_ids, output_attentions=True).attentions[1].mean(1)  # fmt: skip
-    for b in range(2):
-        rows = attn[b][mm.token_types[b] == N][:, mm.token_types[b] == V]  # (N_i, N_v)
-        torch.testing.assert_close(alpha[b], rows.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(alpha, eager_alpha(model, batch, 1), atol=1e-6, rtol=0)
 
 
 def test_irs_cli_end_to_end(tmp_path) -> None:

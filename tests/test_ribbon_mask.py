@@ -1,8 +1,11 @@
-"""Ribbon masks against dense masks written by hand (paper Fig. 5, appended layout)."""
+"""Ribbon masks against dense masks written by hand (paper Fig. 5, appended layout); BlockMasks against both."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_mask
 
+from aligntI_patch.ribbon_block_mask import candidate_rows_block_mask, ribbon_block_mask
 from aligntI_patch.ribbon_mask import (
     candidate_position_ids,
     candidate_rows_mask,
@@ -116,3 +119,62 @@ def test_errors():
         ribbon_mask(attention_mask, torch.tensor([[4]]), d=1)
     with pytest.raises(ValueError, match="B, T"):
         ribbon_mask(attention_mask, torch.tensor([2]), d=1)
+
+
+# ----------------------------------------------------------------------------- FlexAttention BlockMasks
+
+
+def grid(block_mask: BlockMask) -> torch.Tensor:
+    """The BlockMask's mask_mod evaluated at every (b, q, kv): bool ``[B, 1, Q, KV]``."""
+    B, _, Q, KV = block_mask.shape
+    return create_mask(block_mask.mask_mod, B, 1, Q, KV, device="cpu")
+
+
+PADDED = [
+    (torch.tensor([[0, 1, 1, 1, 1, 1]]), torch.tensor([[3, 5]])),  # left padding
+    (torch.tensor([[1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1]]), torch.tensor([[2, 4], [5, -1]])),  # both, -1 group
+]
+
+
+@pytest.mark.parametrize("d", [1, 4])
+@pytest.mark.parametrize("case", range(len(PADDED)))
+def test_block_masks_equal_dense_masks(case, d):
+    attention_mask, cand_pos = PADDED[case]
+    B, T = attention_mask.shape
+    M = cand_pos.shape[1] * d
+    appended = ribbon_block_mask(attention_mask, cand_pos, d)
+    assert appended.shape == (B, 1, T + M, T + M)
+    assert torch.equal(grid(appended), ribbon_mask(attention_mask, cand_pos, d))
+    rows = candidate_rows_block_mask(attention_mask, cand_pos, d)
+    assert rows.shape == (B, 1, M, T + M)  # KV length T + M: the T cached ground-truth keys, then the rows' own
+    assert torch.equal(grid(rows), candidate_rows_mask(attention_mask, cand_pos, d))
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_block_mask_blocks_match_dense_mask(padding):
+    """At several 128-blocks per axis, the kept blocks are exactly those where the dense mask has a True."""
+    T, R, d = 260, 40, 4  # T + M = 420: 4 blocks per axis, ground-truth x candidate blocks empty
+    attention_mask = torch.ones(2, T, dtype=torch.long)
+    if padding == "left":
+        attention_mask[1, :30] = 0
+    else:
+        attention_mask[1, T - 30 :] = 0
+    cand_pos = torch.arange(T - R - 30, T - 30).expand(2, R).clone()
+    cand_pos[1, -5:] = -1
+    for block_mask, dense in [
+        (ribbon_block_mask(attention_mask, cand_pos, d), ribbon_mask(attention_mask, cand_pos, d)),
+        (candidate_rows_block_mask(attention_mask, cand_pos, d), candidate_rows_mask(attention_mask, cand_pos, d)),
+    ]:
+        Q, KV = dense.shape[-2:]
+        padded = F.pad(dense, (0, -KV % 128, 0, -Q % 128))  # (B, 1, Q', KV') whole blocks
+        blocks = padded.unflatten(-1, (-1, 128)).unflatten(-3, (-1, 128)).any(dim=-1).any(dim=-2)  # (B, 1, nq, nk)
+        assert torch.equal(block_mask.to_dense().bool(), blocks)
+        assert not blocks.all()  # some blocks are skipped
+
+
+def test_block_mask_errors():
+    attention_mask = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="positions"):
+        ribbon_block_mask(attention_mask, torch.tensor([[4]]), d=1)
+    with pytest.raises(ValueError, match="d"):
+        candidate_rows_block_mask(attention_mask, torch.tensor([[2]]), d=0)

@@ -192,6 +192,77 @@ def test_cached_pass_equals_appended_pass_values_and_gradients(family, impl, pad
         assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
 
 
+# ----------------------------------------------------------------------------- FlexAttention (BlockMask ribbon)
+# transformers compiles flex_attention with torch.compile (inductor's C++ backend on CPU): the first test pays the
+# compile, later shapes reuse it. Each flex model has an sdpa twin built from the same seed, so the same weights.
+
+
+@pytest.mark.parametrize("d", [1, 4])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@torch.no_grad()
+def test_flex_attention_equals_naive_loop_and_sdpa(family, padding, d):
+    flex, twin = tiny_lm(family, "flex_attention"), tiny_lm(family, "sdpa")
+    input_ids, attention_mask, response_mask = padded_batch(padding)
+    candidates = torch.randint(1, V, (2, input_ids.shape[1], d), generator=torch.Generator().manual_seed(2))
+    fast = transition_logits(flex, input_ids, attention_mask, response_mask, candidates)
+    naive = naive_transition_logits(twin, input_ids, attention_mask, response_mask, candidates)
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+
+    _, embeds, attention_mask, position_ids, _ = embedded(flex, padding)
+    cand_pos = response_positions(response_mask)
+    rows = candidate_rows(cand_pos, gather_positions(candidates, cand_pos), input_ids.shape[1])
+    valid, cand_valid = attention_mask.bool(), rows.pos >= 0
+    gt_ref, cand_ref = appended_pass(twin, embeds, attention_mask, position_ids, rows.pos, rows.ids)
+    for fn in (appended_pass, cached_pass):  # BlockMask [B,1,T+M,T+M], and [B,1,M,T+M] against T cached keys
+        gt_h, cand_h = fn(flex, embeds, attention_mask, position_ids, rows.pos, rows.ids)
+        torch.testing.assert_close(gt_h[valid], gt_ref[valid], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cand_h[cand_valid], cand_ref[cand_valid], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_flex_attention_multimodal_equals_sdpa():
+    """Images spliced before the response: flex equals sdpa (which the naive loop checks above)."""
+    models = []
+    for impl in ("flex_attention", "sdpa"):
+        config = tiny_lm("qwen2", impl).config
+        torch.manual_seed(0)
+        models.append(SplicingQwen2(config).eval())
+    input_ids, attention_mask, response_mask = padded_batch("left")
+    input_ids[:, 3] = IMAGE_TOKEN_INDEX
+    images = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
+    candidates = torch.randint(1, V, (2, input_ids.shape[1], 2), generator=torch.Generator().manual_seed(2))
+    flex, twin = (transition_logits(m, input_ids, attention_mask, response_mask, candidates, images) for m in models)
+    torch.testing.assert_close(flex, twin, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="FlexAttention has no CPU backward (torch's flex_attention raises NotImplementedError for "
+    "inputs requiring grad on CPU): the student's pass under flex_attention needs CUDA",
+)
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_flex_attention_gradients_equal_sdpa(family):
+    input_ids, attention_mask, response_mask = (x.cuda() for x in padded_batch("left"))
+    position_ids = tpa._position_ids(attention_mask)
+    cand_pos = response_positions(response_mask)
+    cands = torch.randint(1, V, (*cand_pos.shape, 3), generator=torch.Generator().manual_seed(3)).cuda()
+    rows = candidate_rows(cand_pos, cands, input_ids.shape[1])
+    probe_gt, probe_cand = torch.randn(32).cuda(), torch.randn(rows.pos.shape[1], 32).cuda()
+    grads = []
+    for impl, fn in [("sdpa", appended_pass), ("flex_attention", appended_pass), ("flex_attention", cached_pass)]:
+        model = tiny_lm(family, impl).cuda().train()
+        embeds = model.get_input_embeddings()(input_ids)
+        gt_h, cand_h = fn(model, embeds, attention_mask, position_ids, rows.pos, rows.ids)
+        probe_loss(gt_h, cand_h, attention_mask, rows, probe_gt, probe_cand).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for got in grads[1:]:
+        assert got.keys() == grads[0].keys()
+        for name, g in grads[0].items():
+            rel = (got[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
+
+
 def kl_rows(teacher_hidden, student_hidden, t_model, s_model):
     """Per-row KL(P_T || P_S) from hidden states (the divergence of Eq. 7)."""
     t_logp = F.log_softmax(t_model.get_output_embeddings()(teacher_hidden), dim=-1)
@@ -345,7 +416,7 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="not supported"):
         model = tiny_lm("qwen2")
         model.config._attn_implementation = "flash_attention_2"
-        tpa._mask_for(model, torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.float32)
+        tpa._ribbon_attention_mask(model, torch.ones(1, 2), torch.tensor([[1]]), torch.float32, cached=True)
 
 
 def test_response_positions_and_gather():

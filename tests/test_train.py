@@ -9,9 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from safetensors.torch import load_file
 
 from llava.tiny.fixtures import save_mini_checkpoint
+from llava.train import arguments
+from llava.train.arguments import ModelArguments, TrainingArguments, check_trainable_attention
+from llava.train.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,3 +110,26 @@ def test_two_processes_train_one_model(tmp_path, start_ckpt, mini_world):
     per_step = 2 * 2  # per-device batch x world size
     assert state["global_step"] == -(-n_records // per_step), "both processes must share one data stream"
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flash_attention_2", "flex_attention"])
+def test_attn_implementation_flag(impl):
+    parser = transformers.HfArgumentParser(ModelArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--model_name_or_path", "m", "--attn_implementation", impl])
+    assert args.attn_implementation == impl
+
+
+def test_attn_implementation_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="must be one of .*'flex_attention'.*got 'flex'"):
+        ModelArguments(model_name_or_path="m", attn_implementation="flex")
+    monkeypatch.setattr(arguments, "is_torch_flex_attn_available", lambda: False)
+    with pytest.raises(ValueError, match="no FlexAttention"):
+        ModelArguments(model_name_or_path="m", attn_implementation="flex_attention")
+    monkeypatch.undo()
+    # FlexAttention has no CPU backward: building a flex model to train on CPU fails before any weight loads
+    # (the path does not exist); forward-only use (a teacher, inference) goes through load_pretrained_model instead.
+    model_args = ModelArguments(model_name_or_path=str(tmp_path / "absent"), attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="cannot train on cpu: .* no FlexAttention backward"):
+        build_model(model_args, TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    check_trainable_attention("flex_attention", torch.device("cuda"))
+    check_trainable_attention("sdpa", torch.device("cpu"))

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import transformers
+from transformers.utils import is_torch_flex_attn_available
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+# torch raises NotImplementedError for FlexAttention inputs that require grad on these devices (forward only)
+NO_FLEX_BACKWARD_DEVICES = ("cpu", "mps")
 
 
 @dataclass
@@ -23,15 +29,38 @@ class ModelArguments:
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (SigLIP has no CLS token)"})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2"})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention (trains on CUDA only: no CPU backward)"},
+    )
 
     def __post_init__(self):
         if self.model_name_or_path is None:
             raise ValueError("--model_name_or_path is required")
         if self.version not in ("qwen_2", "qwen_3", "plain"):
             raise ValueError(f"--version must be qwen_2, qwen_3 or plain, got {self.version!r}")
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise ValueError(f"--attn_implementation must be sdpa, eager or flash_attention_2, got {self.attn_implementation!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
+        if self.attn_implementation == "flex_attention" and not is_torch_flex_attn_available():
+            raise ValueError(
+                f"--attn_implementation flex_attention: torch {torch.__version__} on this host has no FlexAttention "
+                "(torch.nn.attention.flex_attention); use sdpa"
+            )
+
+
+def check_trainable_attention(attn_implementation: str, device: torch.device) -> None:
+    """Fail before any weight loads when the model to train cannot backpropagate through its attention on `device`.
+
+    FlexAttention runs forward anywhere torch has it (a frozen teacher on CPU is fine) but its backward needs a GPU;
+    without this check a CPU run would load both models and only fail at the first `backward`.
+    """
+    if attn_implementation == "flex_attention" and device.type in NO_FLEX_BACKWARD_DEVICES:
+        raise ValueError(
+            f"--attn_implementation flex_attention cannot train on {device.type}: torch {torch.__version__} has no "
+            "FlexAttention backward there; use sdpa or eager, or train on CUDA"
+        )
 
 
 @dataclass

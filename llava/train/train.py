@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 from llava.model import llava_class_for
 from llava.model.checkpoint import KEY_RENAMES
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
-from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
+from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_trainable_attention
 from llava.train.data import make_supervised_data_module
 from llava.train.llava_trainer import LLaVATrainer, atomic_save, last_complete_checkpoint
 from llava.train.lora import apply_lora, save_lora
@@ -33,6 +33,7 @@ def training_dtype(args: TrainingArguments) -> torch.dtype:
 
 def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     """LLM (or LLaVA-Qwen checkpoint) -> LLaVA-Qwen model with vision tower and projector attached."""
+    check_trainable_attention(model_args.attn_implementation, training_args.device)
     path = model_args.model_name_or_path
     cls = llava_class_for(AutoConfig.from_pretrained(path).model_type)
     model = cls.from_pretrained(

@@ -9,7 +9,8 @@
 #   VISION_TOWER   SigLIP dir (the teacher's: N_v must match)
 #   DATA_PATH IMAGE_FOLDER   finetune data (paper: the 2.4M mix of Table 13)
 #   VERSION        qwen_2 | qwen_3;   OUTPUT_DIR  default ./checkpoints/llava-qwen-aligntI
-#   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in finetune.sh (paper: lr 2e-5, global batch 128)
+#   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in finetune.sh (paper: lr 2e-5, global batch 128);
+#                  DS_CONFIG=./scripts/zero3.json also partitions the teacher (README, "ZeRO-3")
 #   DISTILL_ARGS   extra flags, e.g. "--w_tpa 0" (IVA only), "--divergence rkl", "--tpa_sampling greedy"
 #                  (defaults: --w_sft 1 --w_kd 1 --w_iva 1 --w_tpa 1 --divergence fkl --iva_layer auto
 #                   --iva_weight_source teacher --tpa_num_samples 4 --tpa_sampling nucleus --tpa_top_p 0.9)

@@ -1,0 +1,158 @@
+"""DeepSpeed ZeRO-3 for distillation: whole-model loading, the teacher's engine, gathered weights, the
+student's compute routed through its engine, and the same module calls on every rank. Every helper is a
+no-op in a single process; the last two serve every multi-process run (DDP, ZeRO-2, ZeRO-3).
+
+Design choices (DeepSpeed 0.19, transformers 5):
+- Both models load whole (`whole_weights` turns transformers' `zero.Init` off while they load) and are
+  partitioned when DeepSpeed wraps them: `zero.Init(module=...)` moves one parameter at a time to the device
+  and keeps its shard, so GPU memory never holds a whole model; each process holds one CPU copy while
+  loading. Loading code then reads full shapes (tokenizer rows, projector and SigLIP weights) unchanged.
+- Teacher: `deepspeed.initialize` with the training config minus optimizer and scheduler gives DeepSpeed's
+  inference path (`DeepSpeedZeRoOffload`, no optimizer state): module hooks all-gather a submodule's weights
+  when it is called and free them after. Only its submodules are ever called, so DeepSpeed records no module
+  trace for it and fetches on demand.
+- Student: the trainer runs its loss as the student's forward called through the engine (`through_wrapper`),
+  so the engine's forward bookkeeping (ZeRO-3's micro-step counter for gradient accumulation, its backward
+  hooks; DDP's gradient-sync preparation) runs as for `model(**inputs)`. Its lm_head weight is registered as
+  an external parameter of the whole student: gathered for the whole forward and backward, so the chunked
+  losses and the TPA sampler read `.weight` (`zero.register_external_parameter`, DeepSpeed's documented way
+  to use a weight outside its module), and the fused loss's dW reaches ZeRO-3's gradient hook through the
+  parameter's own AccumulateGrad.
+- Every ZeRO-3 module call and gather is a collective: all ranks must make the same calls in the same order
+  (DeepSpeed also checks that the student's recorded module trace is equal on all ranks). Data-dependent
+  counts are therefore avoided: the TPA sampler applies lm_head through its weight (one chunk or many), the
+  candidate pass always runs, and a micro-batch without images encodes one blank image
+  (`encode_images_once`, which ZeRO-2 needs too: its gradient reduction aborts when one rank has no
+  projector gradient).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+T = TypeVar("T")
+
+# DeepSpeed config keys that transformers fills from the model's hidden size when they say "auto"
+# (transformers/integrations/deepspeed.py, HfTrainerDeepSpeedConfig.trainer_config_finalize).
+HIDDEN_SIZE_AUTO = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
+def zero3_enabled(args: TrainingArguments) -> bool:
+    return bool(args.deepspeed) and args.hf_deepspeed_config.is_zero3()
+
+
+@contextmanager
+def whole_weights(args: TrainingArguments) -> Iterator[None]:
+    """Inside, `from_pretrained` builds whole models even under ZeRO-3 (see the module docstring)."""
+    if not zero3_enabled(args):
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # what `is_deepspeed_zero3_enabled()` reads in from_pretrained
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(args.hf_deepspeed_config)
+
+
+def teacher_ds_config(train_config: dict, hidden_size: int) -> dict:
+    """The training DeepSpeed config for an inference-only engine: no optimizer or scheduler; same dtype,
+    batch and ZeRO stage; hidden-size "auto" values filled from the teacher as transformers fills the
+    student's."""
+    config = copy.deepcopy(train_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.get("zero_optimization", {})
+    for key, fill in HIDDEN_SIZE_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = fill(hidden_size)
+    return config
+
+
+def prepare_teacher(teacher: nn.Module, args: TrainingArguments) -> tuple[nn.Module, object | None]:
+    """(teacher module, engine): under ZeRO-3 the frozen teacher partitioned in an inference-only engine,
+    which the caller must keep (`DeepSpeedEngine.__del__` removes the hooks); otherwise (teacher, None)."""
+    if not zero3_enabled(args):
+        return teacher, None
+    import deepspeed
+
+    config = teacher_ds_config(args.hf_deepspeed_config.config, teacher.config.hidden_size)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    return engine.module.eval(), engine
+
+
+def hold_lm_head(student: nn.Module, args: TrainingArguments) -> None:
+    """Under ZeRO-3, keep the student's lm_head weight gathered through each forward and backward of the
+    student (the chunked losses and the TPA sampler read it directly); a no-op otherwise."""
+    if zero3_enabled(args):
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(student, student.get_output_embeddings().weight)
+
+
+@contextmanager
+def gathered(*params: torch.Tensor | None) -> Iterator[None]:
+    """Full tensors for direct reads of ZeRO-3 partitioned parameters (read-only); a no-op for others.
+
+    Only parameters not already available are gathered: one that DeepSpeed's hooks hold for a running
+    module stays theirs (`GatheredParameters` partitions everything it gathered on exit).
+    """
+    zero = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not zero:
+        yield
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    missing = [p for p in zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    with deepspeed.zero.GatheredParameters(missing, enabled=bool(missing)):
+        yield
+
+
+def through_wrapper(wrapper: nn.Module, module: nn.Module, fn: Callable[..., T], *args) -> T:
+    """`fn(*args)` run as `module`'s forward, called through `wrapper` (a DeepSpeed engine or DDP).
+
+    The trainer calls submodules (prepare, decoder, candidate pass) rather than `module(**inputs)`; going
+    through the wrapper's forward keeps its bookkeeping (module docstring). `module.forward` is restored
+    after. Lightning's and TRL's "forward redirection".
+    """
+    if wrapper is module:
+        return fn(*args)
+    own = vars(module).get("forward")  # accelerate may have patched the instance's forward
+    module.forward = fn
+    try:
+        return wrapper(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def encode_images_once(
+    model: nn.Module, images: torch.Tensor | None, args: TrainingArguments
+) -> torch.Tensor | None:
+    """Features of one blank image for a micro-batch without images in a multi-process run, else None.
+
+    Every rank then runs the vision tower and projector once per micro-batch, before the embedding as an
+    image batch does (ZeRO-3: each call is a collective), and, with `0 * result.sum()` added to the
+    embeddings by the caller, gives the projector a zero gradient (ZeRO-2 and ZeRO-3 reduce the same
+    parameters on every rank: a rank without projector gradients aborts the reduction).
+    """
+    if images is not None or args.world_size == 1:
+        return None
+    size = model.get_vision_tower().config.image_size
+    blank = torch.zeros(1, 3, size, size, dtype=model.dtype, device=model.device)
+    return model.encode_images(blank)
