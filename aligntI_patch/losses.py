@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from aligntI_patch.candidates import CandidateRows
 from aligntI_patch.chunked_losses import chunked_cross_entropy, chunked_divergence
-from aligntI_patch.tpa import CandidateRows
 from llava.constants import IGNORE_INDEX
 
 

@@ -8,7 +8,7 @@ down (visual + instruction + response tokens, d candidates per response position
   cached         student ground-truth pass with a KV cache (grad), candidates sampled from its detached
                  response logits, then only the candidate rows against that cache; teacher the same way.
   cached+dedupe  cached, with equal candidates evaluated once and ground-truth-equal candidates reusing
-                 the ground-truth row (aligntI_patch.tpa.dedupe_candidates): same loss, fewer rows.
+                 the ground-truth row (aligntI_patch.candidates.dedupe_candidates): same loss, fewer rows.
 
 All four are exact (tests/test_tpa.py); only their cost differs. Per step it counts decoder calls, the tokens they
 process and the matmul FLOPs (estimated from parameter counts, lm_head included) for each model, and times
@@ -37,15 +37,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from aligntI_patch.tpa import (
-    TPAConfig,
-    appended_pass,
-    candidate_rows,
-    ground_truth_pass,
-    response_positions,
-    sample_candidates_from_hidden,
-    tpa_forward,
-)
+from aligntI_patch.candidates import candidate_rows, response_positions, sample_candidates_from_hidden
+from aligntI_patch.tpa import TPAConfig, appended_pass, ground_truth_pass, tpa_forward
 
 VARIANTS = ("vanilla", "paper", "cached", "cached+dedupe")
 

@@ -8,11 +8,7 @@ import torch.nn.functional as F
 import transformers
 
 from aligntI_patch import tpa
-from aligntI_patch.tpa import (
-    TPAConfig,
-    appended_pass,
-    cache_available,
-    cached_pass,
+from aligntI_patch.candidates import (
     candidate_rows,
     dedupe_candidates,
     gather_positions,
@@ -20,6 +16,12 @@ from aligntI_patch.tpa import (
     sample_candidates,
     sample_candidates_from_hidden,
     sample_from_logits,
+)
+from aligntI_patch.tpa import (
+    TPAConfig,
+    appended_pass,
+    cache_available,
+    cached_pass,
     tpa_forward,
     transition_logits,
 )

@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from aligntI_patch import tpa
+from aligntI_patch import candidates, tpa
 from aligntI_patch.zero3 import (
     encode_images_once,
     gathered,
@@ -110,7 +110,7 @@ def test_module_calls_do_not_depend_on_the_data():
     assert out.shape == (2, 0, 16) and calls["model"] == 2
     cand_pos = torch.tensor([[3, 4, 5], [2, 3, -1]])
     for chunk_size in (1, 100):
-        tpa.sample_candidates_from_hidden(model, hidden, cand_pos, 2, "greedy", chunk_size=chunk_size)
+        candidates.sample_candidates_from_hidden(model, hidden, cand_pos, 2, "greedy", chunk_size=chunk_size)
     assert calls["lm_head"] == 0
 
 
