@@ -60,6 +60,8 @@ class AlignTITrainer(LLaVATrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Also count, over all accumulation micro-batches and processes, response tokens and image samples."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.on_policy_prob:  # before counting, so that on-policy tokens are normalised by their own count
+            batches = [self.maybe_on_policy(b) for b in batches]
         counts = torch.zeros(2, device=device)
         for b in batches:
             counts[0] += prediction_rows(b["labels"])[0].sum()
@@ -69,13 +71,20 @@ class AlignTITrainer(LLaVATrainer):
         self.global_counts = {"response": max(float(counts[0]), 1.0), "images": max(float(counts[1]), 1.0)}
         return batches, num_items
 
+    def maybe_on_policy(self, batch: dict) -> dict:
+        """GKD baseline: with probability `on_policy_prob`, the batch's responses sampled from the student.
+
+        The seeded draw is the same on every process, so all ranks generate together (ZeRO-3 needs that)."""
+        if self.on_policy_rng.random() >= self.args.on_policy_prob:
+            return batch
+        student = self.accelerator.unwrap_model(self.model)
+        return on_policy_batch(student, batch, self.processing_class, self.args.on_policy_max_new_tokens)
+
     # -- the loss -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Eq. 8: the weighted sum of the enabled terms, each normalised by its global count."""
         self.pop_skipped(inputs)
         student = self.accelerator.unwrap_model(model)
-        if self.args.on_policy_prob and self.on_policy_rng.random() < self.args.on_policy_prob:
-            inputs = on_policy_batch(student, inputs, self.processing_class, self.args.on_policy_max_new_tokens)
         sums = through_wrapper(model, student, functools.partial(self.term_sums, student), inputs)
         scale = {"sft": "response", "kd": "response", "tpa": "response", "iva": "images"}
         terms = {k: v / self.global_counts[scale[k]] for k, v in sums.items()}

@@ -1,6 +1,7 @@
 """Align-TI trainer: normalisation under accumulation, every term goes down, errors before training, runs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -205,3 +206,23 @@ def test_teacher_attention_implementation(tmp_path, pair):
     assert teacher.config._attn_implementation == "flex_attention"
     with pytest.raises(ValueError, match="teacher_attn_implementation"):
         _args(tmp_path, teacher_path, teacher_attn_implementation="flash")
+
+
+def test_on_policy_tokens_are_counted_in_the_global_normaliser(tmp_path, pair, tokenizer, mini_world):
+    """GKD baseline under accumulation: responses are replaced before the step's counts are taken, so every
+    term divides by the tokens it actually sums over (not by the replaced ground truth's count)."""
+    from aligntI_patch.losses import prediction_rows
+
+    student_path, teacher_path = pair
+    args = _args(tmp_path, teacher_path, on_policy_prob=1.0, on_policy_max_new_tokens=3)
+    trainer = _trainer(args, student_path, tokenizer, mini_world)
+    originals = [trainer.data_collator([trainer.train_dataset[i] for i in rows]) for rows in ((0, 1), (2, 3))]
+    torch.manual_seed(0)
+    batches, _ = trainer.get_batch_samples(iter(originals), 2, torch.device("cpu"))
+    used = sum(int(prediction_rows(b["labels"])[0].sum()) for b in batches)
+    before = sum(int(prediction_rows(b["labels"])[0].sum()) for b in originals)
+    assert used != before  # 1-4 sampled tokens per reply: the counts differ from the ground truth's
+    assert trainer.global_counts["response"] == used
+    trainer.train()  # the whole step runs on the substituted batches
+    assert trainer.state.global_step == 1 and all(math.isfinite(v) for v in trainer.state.log_history[0].values()
+                                                  if isinstance(v, float))
