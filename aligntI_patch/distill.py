@@ -102,8 +102,8 @@ def main() -> None:
     image_processor = load_image_processor(model_args.vision_tower or student.get_vision_tower().config)
     record_config(student, model_args, data_args, args)
     vocab_size = check_pair(student, teacher, tokenizer, teacher_tok, args, model_args.model_name_or_path)
-    # ZeRO-3: the teacher partitioned in an inference engine, which must live as long as training (its __del__
-    # removes the hooks that gather the weights); otherwise unchanged
+    # DeepSpeed: the teacher in an inference engine (ZeRO-3: partitioned), which must live as long as training
+    # (its __del__ removes the hooks that gather the weights); without DeepSpeed unchanged
     teacher, teacher_engine = prepare_teacher(teacher, args)
     iva_layer = choose_iva_layer(args, data_args, teacher, tokenizer, image_processor, model_args.version)
     data_module = make_supervised_data_module(

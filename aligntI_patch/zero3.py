@@ -7,8 +7,8 @@ Design choices (DeepSpeed 0.19, transformers 5):
   partitioned when DeepSpeed wraps them: `zero.Init(module=...)` moves one parameter at a time to the device
   and keeps its shard, so GPU memory never holds a whole model; each process holds one CPU copy while
   loading. Loading code then reads full shapes (tokenizer rows, projector and SigLIP weights) unchanged.
-- Teacher: `deepspeed.initialize` with the training config minus optimizer and scheduler gives DeepSpeed's
-  inference path (`DeepSpeedZeRoOffload`, no optimizer state): module hooks all-gather a submodule's weights
+- Teacher: `deepspeed.initialize` with the training config minus optimizer and scheduler (at ZeRO stage 0
+  unless the student is at stage 3) gives DeepSpeed's inference path (`DeepSpeedZeRoOffload`, no optimizer state): module hooks all-gather a submodule's weights
   when it is called and free them after. Only its submodules are ever called, so DeepSpeed records no module
   trace for it and fetches on demand.
 - Student: the trainer runs its loss as the student's forward called through the engine (`through_wrapper`),
@@ -67,14 +67,16 @@ def whole_weights(args: TrainingArguments) -> Iterator[None]:
         set_hf_deepspeed_config(args.hf_deepspeed_config)
 
 
-def teacher_ds_config(train_config: dict, hidden_size: int) -> dict:
-    """The training DeepSpeed config for an inference-only engine: no optimizer or scheduler; same dtype,
-    batch and ZeRO stage; hidden-size "auto" values filled from the teacher as transformers fills the
-    student's."""
+def teacher_ds_config(train_config: dict, hidden_size: int, stage: int) -> dict:
+    """The training DeepSpeed config for an inference-only engine at ZeRO `stage` (3 beside a stage-3 student,
+    else 0): no optimizer or scheduler; same dtype and batch; hidden-size "auto" values filled from the teacher
+    as transformers fills the student's."""
     config = copy.deepcopy(train_config)
     config.pop("optimizer", None)
     config.pop("scheduler", None)
-    zero = config.get("zero_optimization", {})
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}  # nothing to shard without gradients or optimizer state
+    zero = config.setdefault("zero_optimization", {})
     for key, fill in HIDDEN_SIZE_AUTO.items():
         if zero.get(key) == "auto":
             zero[key] = fill(hidden_size)
@@ -82,13 +84,16 @@ def teacher_ds_config(train_config: dict, hidden_size: int) -> dict:
 
 
 def prepare_teacher(teacher: nn.Module, args: TrainingArguments) -> tuple[nn.Module, object | None]:
-    """(teacher module, engine): under ZeRO-3 the frozen teacher partitioned in an inference-only engine,
-    which the caller must keep (`DeepSpeedEngine.__del__` removes the hooks); otherwise (teacher, None)."""
-    if not zero3_enabled(args):
+    """(teacher module, engine): under DeepSpeed the frozen teacher in an inference-only engine (ZeRO stage 3
+    beside a stage-3 student, partitioned; stage 0 otherwise: DeepSpeed's dtype and device placement, weights
+    broadcast from rank 0), which the caller must keep (`DeepSpeedEngine.__del__` removes ZeRO-3's hooks);
+    without DeepSpeed (teacher, None)."""
+    if not args.deepspeed:
         return teacher, None
     import deepspeed
 
-    config = teacher_ds_config(args.hf_deepspeed_config.config, teacher.config.hidden_size)
+    stage = 3 if zero3_enabled(args) else 0
+    config = teacher_ds_config(args.hf_deepspeed_config.config, teacher.config.hidden_size, stage)
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     return engine.module.eval(), engine
 

@@ -51,7 +51,8 @@ def test_teacher_ds_config_is_the_training_config_for_inference():
             "stage3_param_persistence_threshold": 100}
     train = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}, "optimizer": {"type": "AdamW"},
              "scheduler": {"type": "WarmupLR"}, "zero_optimization": zero}
-    config = teacher_ds_config(train, hidden_size=10)
+    assert teacher_ds_config(train, hidden_size=10, stage=0)["zero_optimization"] == {"stage": 0}
+    config = teacher_ds_config(train, hidden_size=10, stage=3)
     assert "optimizer" not in config and "scheduler" not in config
     assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 100,
                                            "stage3_prefetch_bucket_size": 90,

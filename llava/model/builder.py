@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer
 from llava.model import llava_class_for  # noqa: F401  (registers the LLaVA-Qwen classes)
 
 from .checkpoint import IGNORED_KEYS, KEY_RENAMES, read_state_dict, rename_key
+from .multimodal_encoder.open_clip_encoder import is_open_clip_name
 from .multimodal_encoder.siglip_encoder import load_image_processor
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _attach_vision_tower(model, config) -> None:
     if tower is None:
         return
     path = config.mm_vision_tower
-    if not (path and os.path.isdir(path)):
+    if not (path and (os.path.isdir(path) or is_open_clip_name(path))):  # open_clip names check their own files
         raise FileNotFoundError(f"Vision tower weights: {path!r} is not a local directory (set mm_vision_tower)")
     tower.load_pretrained(path)
 

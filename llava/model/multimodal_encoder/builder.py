@@ -1,4 +1,8 @@
-"""Vision tower builder: SigLIP from transformers by default, open_clip as an optional extra."""
+"""Vision tower builder: SigLIP from transformers by default, open_clip as an optional extra.
+
+`mm_vision_tower` names starting with `open_clip:` or `hf-hub:` are open_clip towers (`open_clip_encoder.py`);
+anything else is a local SigLIP checkpoint directory.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,23 @@ import os
 
 from transformers import AutoConfig, SiglipVisionConfig
 
+from .open_clip_encoder import (
+    OpenCLIPVisionConfig,
+    OpenCLIPVisionTower,
+    describe_open_clip_tower,
+    is_open_clip_name,
+)
 from .siglip_encoder import SiglipVisionTower
 
 
-def resolve_vision_config(config) -> SiglipVisionConfig:
-    """The SigLIP config: embedded in our checkpoints (`mm_vision_config`), else read from `mm_vision_tower`."""
-    if getattr(config, "mm_vision_config", None):
-        return SiglipVisionConfig(**config.mm_vision_config)
+def resolve_vision_config(config) -> SiglipVisionConfig | OpenCLIPVisionConfig:
+    """The tower's config: embedded in our checkpoints (`mm_vision_config`), else read from `mm_vision_tower`."""
     path = config.mm_vision_tower
+    embedded = getattr(config, "mm_vision_config", None)
+    if is_open_clip_name(path):
+        return OpenCLIPVisionConfig(**embedded) if embedded else describe_open_clip_tower(path)
+    if embedded:
+        return SiglipVisionConfig(**embedded)
     if path and os.path.isdir(path):
         loaded = AutoConfig.from_pretrained(path)
         return getattr(loaded, "vision_config", loaded)
@@ -23,16 +36,11 @@ def resolve_vision_config(config) -> SiglipVisionConfig:
     )
 
 
-def build_vision_tower(config) -> SiglipVisionTower:
-    name = config.mm_vision_tower or ""
-    if name.startswith(("open_clip:", "hf-hub:")):
-        try:
-            import open_clip  # noqa: F401
-        except ImportError as err:
-            raise ImportError("open_clip towers need the optional extra: pip install 'align-ti[openclip]'") from err
-        raise NotImplementedError("open_clip towers are not wired in this release; use a SigLIP checkpoint")
-    return SiglipVisionTower(
-        resolve_vision_config(config),
+def build_vision_tower(config) -> SiglipVisionTower | OpenCLIPVisionTower:
+    vision_config = resolve_vision_config(config)
+    tower_class = OpenCLIPVisionTower if isinstance(vision_config, OpenCLIPVisionConfig) else SiglipVisionTower
+    return tower_class(
+        vision_config,
         select_layer=config.mm_vision_select_layer,
         select_feature=config.mm_vision_select_feature,
     )

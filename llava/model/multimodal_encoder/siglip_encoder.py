@@ -13,13 +13,24 @@ import torch
 from torch import nn
 from transformers import AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
+from .open_clip_encoder import OpenCLIPVisionConfig, is_open_clip_name
+from .open_clip_encoder import load_image_processor as load_open_clip_image_processor
 
-def load_image_processor(path_or_config: str | SiglipVisionConfig | dict):
-    """SigLIP's PIL image processor (the torchvision-backed one is avoided: see DESIGN.md traps)."""
+
+def pil_image_processor_class() -> type:
+    """transformers' PIL SigLIP image processor (the torchvision-backed one is avoided: see DESIGN.md traps)."""
     try:
         from transformers import SiglipImageProcessorPil as Processor
     except ImportError:  # older transformers
         from transformers import SiglipImageProcessor as Processor
+    return Processor
+
+
+def load_image_processor(path_or_config: str | SiglipVisionConfig | OpenCLIPVisionConfig | dict):
+    """The tower's PIL image processor: SigLIP's, or built from an open_clip tower's preprocess config."""
+    if isinstance(path_or_config, OpenCLIPVisionConfig) or is_open_clip_name(path_or_config):
+        return load_open_clip_image_processor(path_or_config)
+    Processor = pil_image_processor_class()
     if isinstance(path_or_config, str) and os.path.isfile(os.path.join(path_or_config, "preprocessor_config.json")):
         return Processor.from_pretrained(path_or_config)
     if isinstance(path_or_config, str):  # a SigLIP dir without preprocessor_config.json
