@@ -22,7 +22,7 @@ class ModelArguments:
     tune_vision_tower: bool = field(
         default=False, metadata={"help": "Also train the vision tower (the tiny preset trains its SigLIP this way)"}
     )
-    vision_tower: str | None = field(default=None, metadata={"help": "Local SigLIP checkpoint dir"})
+    vision_tower: str | None = field(default=None, metadata={"help": "Local SigLIP checkpoint dir, or open_clip:<dir> / open_clip:<arch>:<weights> / hf-hub:<repo> (openclip extra)"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision hidden state to use (-2: penultimate)"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Projector from the pretrain stage"})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlp2x_gelu"})
