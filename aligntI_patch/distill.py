@@ -90,6 +90,7 @@ def main() -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, DistillArguments))
     model_args, data_args, args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING)
+    transformers.set_seed(args.seed)  # fresh weights (projector, LoRA) depend on --seed only, not the launcher
 
     # ZeRO-3: both load whole on the CPU; DeepSpeed moves them to the GPU one shard at a time when it wraps them
     with whole_weights(args):

@@ -1,21 +1,26 @@
-"""Training entry end to end on the mini world: finetune, interrupt + resume, two processes (ZeRO-2, gloo)."""
+"""Training entry end to end on the mini world: finetune, interrupt + resume, two processes (ZeRO-2 and ZeRO-3,
+gloo), the vision tower in every multi-process step."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
-from llava.tiny.fixtures import save_mini_checkpoint
+from llava.model.builder import load_pretrained_model
+from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
 from llava.train import arguments
 from llava.train.arguments import ModelArguments, TrainingArguments, check_trainable_attention
+from llava.train.llava_trainer import vision_in_every_step
 from llava.train.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def start_ckpt(mini_root, tokenizer):
     """A 1-layer mini LLaVA checkpoint and its SigLIP dir, as the finetune stage starts from."""
-    from llava.tiny.fixtures import mini_llava
-
     model = mini_llava(tokenizer, num_layers=1)
     path = save_mini_checkpoint(model, tokenizer, mini_root / "train_start")
     model.get_vision_tower().vision_tower.save_pretrained(mini_root / "train_siglip")
@@ -110,6 +113,101 @@ def test_two_processes_train_one_model(tmp_path, start_ckpt, mini_world):
     per_step = 2 * 2  # per-device batch x world size
     assert state["global_step"] == -(-n_records // per_step), "both processes must share one data stream"
     assert (out / "model.safetensors").is_file()
+
+
+def test_text_only_batch_runs_the_vision_tower_in_a_multi_process_run(tokenizer):
+    """Every rank calls the vision tower, projector and embedding in the image path's order, and the projector
+    gets a zero gradient; the loss is unchanged. One process, or a batch with images: nothing changes."""
+    model = mini_llava(tokenizer, num_layers=1).train()
+    calls = []
+    tower, inner = model.get_vision_tower(), model.get_model()
+    for module in (tower, inner.mm_projector, inner.embed_tokens, inner):
+        module.register_forward_pre_hook(lambda module, args: calls.append(module))
+    ids = torch.tensor(tokenizer("a red cube <|im_end|>")["input_ids"])[None]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    plain = model(**batch).loss
+    calls.clear()
+    with vision_in_every_step(model, None, SimpleNamespace(world_size=2)):
+        loss = model(**batch).loss
+    assert calls == [tower, inner.mm_projector, inner.embed_tokens, inner]  # as prepare_inputs_labels_for_multimodal
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in inner.mm_projector.parameters())
+    calls.clear()
+    for images, world_size in ((torch.zeros(1, 3, 32, 32), 2), (None, 1)):
+        with vision_in_every_step(model, images, SimpleNamespace(world_size=world_size)):
+            model(**batch)
+    assert calls == [inner, inner.embed_tokens] * 2  # the text-only path, untouched
+
+
+@pytest.fixture(scope="module")
+def zero3_data(mini_root, mini_world):
+    """Per stage, four samples = one global batch (the update does not depend on their order). Finetune's set has
+    one text-only sample: at one sample per rank, some micro-step has an image on one rank only."""
+    records = json.loads((mini_world / "finetune.json").read_text())
+    images, text = [r for r in records if "image" in r], [r for r in records if "image" not in r]
+    finetune, pretrain = mini_root / "z3_train_mixed.json", mini_root / "z3_train_captions.json"
+    finetune.write_text(json.dumps(images[:3] + text[:1]))
+    pretrain.write_text(json.dumps(json.loads((mini_world / "pretrain.json").read_text())[:4]))
+    return {"finetune": finetune, "lora": finetune, "pretrain": pretrain}
+
+
+ZERO3_STAGES = {
+    "finetune": (),
+    "pretrain": ("--version", "plain", "--tune_mm_mlp_adapter", "True"),
+    "lora": ("--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"),
+}
+
+
+def _train_stage(out, stage, data, start_ckpt, mini_root, mini_world, n_proc, *extra) -> dict:
+    """Two epochs of one step each (global batch 4 = the whole set), SGD, constant lr: deterministic updates."""
+    args = ["--model_name_or_path", str(start_ckpt), "--version", "qwen_2", "--data_path", str(data),
+            "--image_folder", str(mini_world / "images"), "--vision_tower", str(mini_root / "train_siglip"),
+            "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", str(2 // n_proc),
+            "--gradient_accumulation_steps", "2", "--learning_rate", "0.1", "--optim", "sgd",
+            "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--model_max_length", "256",
+            "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--dataloader_num_workers", "0",
+            "--disable_tqdm", "True", "--use_cpu", *ZERO3_STAGES[stage], *extra]
+    launch = [sys.executable]
+    if n_proc > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(n_proc), "--master_port", "29553"]
+    run = subprocess.run(launch + ["-m", "llava.train.train", *args], env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((out / "trainer_state.json").read_text())
+
+
+def _loaded_weights(path, model_base) -> dict[str, torch.Tensor]:
+    _, model, _, _ = load_pretrained_model(str(path), model_base=model_base and str(model_base), device="cpu")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(ZERO3_STAGES))
+def test_zero3_two_processes_train_as_one(stage, tmp_path, start_ckpt, mini_root, mini_world, zero3_data):
+    """torchrun x2 + ZeRO-3 on CPU (gradient checkpointing on, as the scripts run): the logged losses of one
+    process on the same global batch, and a saved checkpoint that loads with the same weights.
+
+    World size 2 shows in the step count (one process at this batch would take 2 steps per epoch)."""
+    run = (start_ckpt, mini_root, mini_world)
+    ref = _train_stage(tmp_path / "one", stage, zero3_data[stage], *run, 1)
+    state = _train_stage(tmp_path / "zero3", stage, zero3_data[stage], *run, 2,
+                         "--deepspeed", str(REPO / "scripts" / "zero3.json"), "--gradient_checkpointing", "True")
+    assert state["global_step"] == 2, "two processes must split one data stream"
+    logged = [e["loss"] for e in state["log_history"] if "loss" in e]
+    expected = [e["loss"] for e in ref["log_history"] if "loss" in e]
+    assert len(logged) == 2 and all(map(math.isfinite, logged))
+    assert logged == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    saved = {"finetune": "model.safetensors", "pretrain": "mm_projector.safetensors",
+             "lora": "adapter_model.safetensors"}[stage]
+    assert (tmp_path / "zero3" / saved).is_file() and (tmp_path / "zero3" / "preprocessor_config.json").is_file()
+    base = None if stage == "finetune" else start_ckpt  # projector-only and LoRA load onto their base
+    weights, ref_weights = _loaded_weights(tmp_path / "zero3", base), _loaded_weights(tmp_path / "one", base)
+    start = _loaded_weights(start_ckpt, None)
+    assert max(float((ref_weights[k] - start[k]).abs().max()) for k in start) > 1e-3  # the steps moved
+    assert weights.keys() == ref_weights.keys()
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(weights[k], v, atol=1e-6, rtol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flash_attention_2", "flex_attention"])

@@ -5,6 +5,8 @@
 
 The pretrain stage (`--tune_mm_mlp_adapter True`) saves the projector (`mm_projector.safetensors`), the
 finetune stage a full checkpoint; both resume from the newest complete `checkpoint-N` in `output_dir`.
+Under DeepSpeed ZeRO-3 the model loads whole and is partitioned when the trainer wraps it, as in distillation
+(`aligntI_patch.zero3`); every rank takes part in the final save, which gathers the weights rank 0 writes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
+from aligntI_patch.zero3 import gathered, whole_weights
 from llava.model import llava_class_for
 from llava.model.checkpoint import KEY_RENAMES
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
@@ -82,13 +85,11 @@ def record_config(model, model_args, data_args, training_args) -> None:
     model.config.conv_template = model_args.version if model_args.version != "plain" else None
 
 
-def save_model(trainer: LLaVATrainer, model_args, tokenizer, image_processor) -> None:
-    """Pretrain stage: the projector (+config). Finetune: full checkpoint + tokenizer + image processor."""
+def save_model(trainer: LLaVATrainer, model_args: ModelArguments, tokenizer, image_processor) -> None:
+    """Pretrain stage: the projector (+config). Finetune: full checkpoint + tokenizer + image processor.
+    LoRA: adapter + non-LoRA trainables + tokenizer. Every rank calls it: ZeRO-3 gathers collectively."""
     out = trainer.args.output_dir
     model = trainer.model
-    if not trainer.is_world_process_zero():
-        trainer.save_model(out)  # ZeRO-3 gathers across ranks inside
-        return
 
     def write(tmp: str) -> None:
         if trainer.args.lora_enable:
@@ -105,7 +106,15 @@ def save_model(trainer: LLaVATrainer, model_args, tokenizer, image_processor) ->
             tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
 
-    atomic_save(write, out)
+    if trainer.args.lora_enable or model_args.tune_mm_mlp_adapter:
+        # rank 0 reads these weights directly: under ZeRO-3 every rank must join their gather first
+        with gathered(*(p for p in model.parameters() if p.requires_grad)):
+            if trainer.is_world_process_zero():
+                atomic_save(write, out)
+    elif trainer.is_world_process_zero():
+        atomic_save(write, out)
+    else:
+        trainer.save_model(out)  # the other ranks' side of its ZeRO-3 gather; only rank 0 writes
 
 
 def train_and_save(trainer, model_args: ModelArguments, tokenizer, image_processor) -> None:
@@ -122,8 +131,14 @@ def train() -> None:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    # fresh weights (a new projector, LoRA adapters) depend on --seed only, not on the launcher or process count
+    transformers.set_seed(training_args.seed)
 
-    model = build_model(model_args, training_args)
+    # ZeRO-3: loaded whole (full shapes for the checks below), partitioned when the trainer wraps it. Loading
+    # under transformers' zero.Init instead would, on CPU, build its DeepSpeed config before deepspeed.comm is
+    # up (accelerate starts only torch.distributed there), see world size 1 and fail DeepSpeed's batch check.
+    with whole_weights(training_args):
+        model = build_model(model_args, training_args)
     set_trainable(model, model_args, training_args)
     if training_args.lora_enable:
         model = apply_lora(model, training_args.lora_r, training_args.lora_alpha, training_args.lora_dropout,
