@@ -20,7 +20,7 @@ import transformers
 from aligntI_patch.arguments import DistillArguments
 from aligntI_patch.irs import irs_per_layer, load_paired_batches, select_iva_layer, write_irs
 from aligntI_patch.trainer import AlignTITrainer
-from aligntI_patch.zero3 import prepare_teacher, whole_weights, zero3_enabled
+from aligntI_patch.zero3 import check_full_save, prepare_teacher, whole_weights, zero3_enabled
 from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
@@ -93,6 +93,7 @@ def main() -> None:
     transformers.set_seed(args.seed)  # fresh weights (projector, LoRA) depend on --seed only, not the launcher
 
     # ZeRO-3: both load whole on the CPU; DeepSpeed moves them to the GPU one shard at a time when it wraps them
+    check_full_save(args, not args.lora_enable)
     with whole_weights(args):
         student = build_model(model_args, args)
         teacher_tok, teacher = load_teacher(args, torch.device("cpu") if zero3_enabled(args) else args.device)

@@ -52,6 +52,19 @@ def zero3_enabled(args: TrainingArguments) -> bool:
     return bool(args.deepspeed) and args.hf_deepspeed_config.is_zero3()
 
 
+def check_full_save(args: TrainingArguments, full_checkpoint: bool) -> None:
+    """Fail before training when a ZeRO-3 run could not write its full checkpoint as safetensors: without
+    `stage3_gather_16bit_weights_on_model_save` transformers writes DeepSpeed shards instead, hours later."""
+    if not (full_checkpoint and zero3_enabled(args)):
+        return
+    zero = args.hf_deepspeed_config.config.get("zero_optimization", {})
+    if not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise ValueError(
+            f"DeepSpeed config {args.deepspeed}: a ZeRO-3 run that saves a full checkpoint needs "
+            '"zero_optimization": {"stage3_gather_16bit_weights_on_model_save": true} (scripts/zero3.json sets it)'
+        )
+
+
 @contextmanager
 def whole_weights(args: TrainingArguments) -> Iterator[None]:
     """Inside, `from_pretrained` builds whole models even under ZeRO-3 (see the module docstring)."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from aligntI_patch import candidates, tpa
 from aligntI_patch.zero3 import (
+    check_full_save,
     encode_images_once,
     gathered,
     hold_lm_head,
@@ -187,3 +188,21 @@ def test_two_processes_train_as_one(config, tmp_path, tied_pair, mixed_data, min
     assert max(float((ref_weights[k] - start[k]).abs().max()) for k in start) > 1e-3  # the steps moved
     for k, v in ref_weights.items():
         torch.testing.assert_close(weights[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_zero3_full_save_needs_16bit_gather():
+    """A ZeRO-3 config that would save DeepSpeed shards instead of a loadable checkpoint fails before training."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    zero = {"stage": 3}
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": zero}
+    try:  # TrainingArguments(deepspeed=...) turns ZeRO-3 on process-wide for from_pretrained: undo it after
+        args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", deepspeed=config)
+        check_full_save(args, full_checkpoint=False)  # projector-only and LoRA saves gather their own weights
+        with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save"):
+            check_full_save(args, full_checkpoint=True)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", deepspeed=config)
+        check_full_save(args, full_checkpoint=True)
+    finally:
+        unset_hf_deepspeed_config()

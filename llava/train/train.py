@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-from aligntI_patch.zero3 import gathered, whole_weights
+from aligntI_patch.zero3 import check_full_save, gathered, whole_weights
 from llava.model import llava_class_for
 from llava.model.checkpoint import KEY_RENAMES
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
@@ -137,6 +137,7 @@ def train() -> None:
     # ZeRO-3: loaded whole (full shapes for the checks below), partitioned when the trainer wraps it. Loading
     # under transformers' zero.Init instead would, on CPU, build its DeepSpeed config before deepspeed.comm is
     # up (accelerate starts only torch.distributed there), see world size 1 and fail DeepSpeed's batch check.
+    check_full_save(training_args, not (model_args.tune_mm_mlp_adapter or training_args.lora_enable))
     with whole_weights(training_args):
         model = build_model(model_args, training_args)
     set_trainable(model, model_args, training_args)
