@@ -31,7 +31,7 @@ from aligntI_patch.iva import importance_from_attention, iva_weights
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
 from aligntI_patch.on_policy import on_policy_batch
 from aligntI_patch.tpa import TPAConfig, ground_truth_pass, tpa_forward
-from aligntI_patch.zero3 import encode_images_once, gathered, hold_lm_head, through_wrapper
+from aligntI_patch.zero3 import gathered, hold_lm_head, needs_blank_image, through_wrapper
 from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 from llava.train.llava_trainer import LLaVATrainer
 
@@ -100,21 +100,19 @@ class AlignTITrainer(LLaVATrainer):
         a = self.args
         enabled = {k for k in TERMS if self.weights[k] > 0}
         images = inputs.get("images")
-        blank = encode_images_once(student, images, a)
+        blank = needs_blank_image(images, a)
         s_mm = student.prepare_inputs_labels_for_multimodal(
             inputs["input_ids"], None, inputs["attention_mask"], None, inputs["labels"], images,
-            token_types=inputs["token_types"])
+            token_types=inputs["token_types"], vision_in_step=blank)
         labels, types, mask = s_mm.labels, s_mm.token_types, s_mm.attention_mask
         position_ids = s_mm.position_ids
-        s_embeds = s_mm.inputs_embeds if blank is None else s_mm.inputs_embeds + 0 * blank.sum()
         needs_teacher = bool(enabled - {"sft"})
         t_embeds = None
         if needs_teacher:
             with torch.no_grad():
-                encode_images_once(self.teacher, images, a)
                 t_mm = self.teacher.prepare_inputs_labels_for_multimodal(
                     inputs["input_ids"], None, inputs["attention_mask"], None, None, images,
-                    token_types=inputs["token_types"])
+                    token_types=inputs["token_types"], vision_in_step=blank)
             t_embeds = t_mm.inputs_embeds.to(self.teacher.dtype)
         use_iva = "iva" in enabled and a.iva_weight_source != "uniform"
         iva_model = student if a.iva_weight_source == "student" else self.teacher
@@ -124,11 +122,11 @@ class AlignTITrainer(LLaVATrainer):
             if "tpa" in enabled:
                 response = types == TokenType.RESPONSE
                 response[:, 0] = False
-                fwd = tpa_forward(student, self.teacher, s_embeds, t_embeds, mask, position_ids, response,
+                fwd = tpa_forward(student, self.teacher, s_mm.inputs_embeds, t_embeds, mask, position_ids, response,
                                   labels, self.tpa_cfg, self.generator)
                 s_hidden, t_hidden = fwd.student_gt, fwd.teacher_gt
             else:
-                s_hidden, _ = ground_truth_pass(student, s_embeds, mask, position_ids, use_cache=False)
+                s_hidden, _ = ground_truth_pass(student, s_mm.inputs_embeds, mask, position_ids, use_cache=False)
                 t_hidden = None
                 if needs_teacher:
                     with torch.no_grad():

@@ -22,7 +22,7 @@ Design choices (DeepSpeed 0.19, transformers 5):
   (DeepSpeed also checks that the student's recorded module trace is equal on all ranks). Data-dependent
   counts are therefore avoided: the TPA sampler applies lm_head through its weight (one chunk or many), the
   candidate pass always runs, and a micro-batch without images encodes one blank image
-  (`encode_images_once`, which ZeRO-2 needs too: its gradient reduction aborts when one rank has no
+  (`needs_blank_image`, which ZeRO-2 needs too: its gradient reduction aborts when one rank has no
   projector gradient).
 """
 
@@ -159,18 +159,12 @@ def through_wrapper(wrapper: nn.Module, module: nn.Module, fn: Callable[..., T],
             module.forward = own
 
 
-def encode_images_once(
-    model: nn.Module, images: torch.Tensor | None, args: TrainingArguments
-) -> torch.Tensor | None:
-    """Features of one blank image for a micro-batch without images in a multi-process run, else None.
+def needs_blank_image(images: torch.Tensor | None, args: TrainingArguments) -> bool:
+    """Whether a micro-batch must run the vision path on one blank image (`vision_in_step=True` of
+    `prepare_inputs_labels_for_multimodal`): a text-only micro-batch in a multi-process run.
 
-    Every rank then runs the vision tower and projector once per micro-batch, before the embedding as an
-    image batch does (ZeRO-3: each call is a collective), and, with `0 * result.sum()` added to the
-    embeddings by the caller, gives the projector a zero gradient (ZeRO-2 and ZeRO-3 reduce the same
-    parameters on every rank: a rank without projector gradients aborts the reduction).
+    Every rank then calls the vision tower, projector and embedding in the same order (ZeRO-3: each call is a
+    collective, and DeepSpeed checks the module trace across ranks) and the projector gets a zero gradient
+    (ZeRO-2 and DDP reduce the same parameters on every rank: a rank without one aborts the reduction).
     """
-    if images is not None or args.world_size == 1:
-        return None
-    size = model.get_vision_tower().config.image_size
-    blank = torch.zeros(1, 3, size, size, dtype=model.dtype, device=model.device)
-    return model.encode_images(blank)
+    return images is None and args.world_size > 1

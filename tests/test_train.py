@@ -16,11 +16,11 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from aligntI_patch.zero3 import needs_blank_image
 from llava.model.builder import load_pretrained_model
 from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
 from llava.train import arguments
 from llava.train.arguments import ModelArguments, TrainingArguments, check_trainable_attention
-from llava.train.llava_trainer import vision_in_every_step
 from llava.train.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,16 +127,15 @@ def test_text_only_batch_runs_the_vision_tower_in_a_multi_process_run(tokenizer)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     plain = model(**batch).loss
     calls.clear()
-    with vision_in_every_step(model, None, SimpleNamespace(world_size=2)):
-        loss = model(**batch).loss
+    assert needs_blank_image(None, SimpleNamespace(world_size=2))
+    loss = model(**batch, vision_in_step=True).loss
     assert calls == [tower, inner.mm_projector, inner.embed_tokens, inner]  # as prepare_inputs_labels_for_multimodal
     torch.testing.assert_close(loss, plain, rtol=0, atol=0)
     loss.backward()
     assert all(p.grad is not None and not p.grad.any() for p in inner.mm_projector.parameters())
     calls.clear()
     for images, world_size in ((torch.zeros(1, 3, 32, 32), 2), (None, 1)):
-        with vision_in_every_step(model, images, SimpleNamespace(world_size=world_size)):
-            model(**batch)
+        model(**batch, vision_in_step=needs_blank_image(images, SimpleNamespace(world_size=world_size)))
     assert calls == [inner, inner.embed_tokens] * 2  # the text-only path, untouched
 
 

@@ -18,9 +18,9 @@ from torch import nn
 from aligntI_patch import candidates, tpa
 from aligntI_patch.zero3 import (
     check_full_save,
-    encode_images_once,
     gathered,
     hold_lm_head,
+    needs_blank_image,
     prepare_teacher,
     teacher_ds_config,
     through_wrapper,
@@ -44,7 +44,7 @@ def test_helpers_are_no_ops_in_a_single_process(tokenizer):
     assert prepare_teacher(model, args) == (model, None)
     hold_lm_head(model, args)
     assert not hasattr(model, "_external_params")
-    assert encode_images_once(model, None, args) is None  # one process: nothing to keep in step
+    assert not needs_blank_image(None, args)  # one process: nothing to keep in step
 
 
 def test_teacher_ds_config_is_the_training_config_for_inference():

@@ -119,8 +119,14 @@ class LlavaMetaForCausalLM:
         images: torch.Tensor | None,
         image_sizes=None,
         token_types: torch.Tensor | None = None,
+        vision_in_step: bool = False,
     ) -> MultimodalInputs:
-        """Splice visual embeddings into the text embeddings (see the module docstring for the layout)."""
+        """Splice visual embeddings into the text embeddings (see the module docstring for the layout).
+
+        `vision_in_step`: a batch without images still encodes one blank image and adds 0 x its features, so
+        that every rank of a multi-process run calls the same modules (`aligntI_patch.zero3.needs_blank_image`);
+        the result is unchanged and the projector gets a zero gradient.
+        """
         embed = self.get_model().embed_tokens
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -130,7 +136,12 @@ class LlavaMetaForCausalLM:
         if images is None or not bool(is_image.any()):
             if bool(is_image.any()):
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no images were given")
+            if vision_in_step:
+                size = self.get_vision_tower().config.image_size
+                blank = self.encode_images(torch.zeros(1, 3, size, size, dtype=self.dtype, device=self.device))
             inputs_embeds = embed(input_ids)
+            if vision_in_step:
+                inputs_embeds = inputs_embeds + 0 * blank.sum()
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask)
             source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)

@@ -8,14 +8,11 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
-from aligntI_patch.zero3 import encode_images_once
+from aligntI_patch.zero3 import needs_blank_image
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +30,9 @@ class LLaVATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.pop_skipped(inputs)
-        # under LoRA the image path runs in the LLaVA model inside the PEFT wrappers: hook it there
-        llava = self.model.get_base_model() if self.args.lora_enable else self.model
-        with vision_in_every_step(llava, inputs.get("images"), self.args):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+        if needs_blank_image(inputs.get("images"), self.args):
+            inputs = {**inputs, "vision_in_step": True}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _get_train_sampler(self, *args, **kwargs):
         if self.args.group_by_modality_length and hasattr(self.train_dataset, "modality_lengths"):
@@ -58,32 +53,6 @@ class LLaVATrainer(Trainer):
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
             return self.optimizer
         return super().create_optimizer(*args, **kwargs)
-
-
-@contextmanager
-def vision_in_every_step(model: nn.Module, images: torch.Tensor | None, args: TrainingArguments) -> Iterator[None]:
-    """Inside, a text-only micro-batch of a multi-process run makes `model`'s forward encode one blank image,
-    then embed the tokens and add 0 x the image's features to the embeddings; a no-op otherwise.
-
-    Every rank then calls the vision tower, projector and embedding in the image path's order (ZeRO-3 gathers
-    their weights collectively and checks that all ranks record the same module order) and gives the projector
-    a zero gradient (ZeRO-2 and DDP reduce it on every rank). The update is unchanged. Distillation does the
-    same in its own forward (`aligntI_patch.zero3.encode_images_once`).
-    """
-    if images is not None or args.world_size == 1:
-        yield
-        return
-
-    def embed_after_blank(module: nn.Module, positional: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        blank = encode_images_once(module, None, args)
-        embeds = module.get_input_embeddings()(kwargs.pop("input_ids"))
-        return positional, {**kwargs, "inputs_embeds": embeds + 0 * blank.sum()}
-
-    hook = model.register_forward_pre_hook(embed_after_blank, with_kwargs=True)
-    try:
-        yield
-    finally:
-        hook.remove()
 
 
 class ModalityGroupedSampler(torch.utils.data.Sampler):

@@ -87,11 +87,13 @@ class _LlavaCausalLMMixin(LlavaMetaForCausalLM):
         images: torch.Tensor | None = None,
         image_sizes=None,
         token_types: torch.Tensor | None = None,
+        vision_in_step: bool = False,
         **kwargs,
     ):
-        if inputs_embeds is None and input_ids is not None and images is not None:
+        if inputs_embeds is None and input_ids is not None and (images is not None or vision_in_step):
             mm = self.prepare_inputs_labels_for_multimodal(
-                input_ids, position_ids, attention_mask, None, labels, images, token_types=token_types
+                input_ids, position_ids, attention_mask, None, labels, images, token_types=token_types,
+                vision_in_step=vision_in_step,
             )
             input_ids, position_ids, attention_mask = None, mm.position_ids, mm.attention_mask
             inputs_embeds, labels = mm.inputs_embeds, mm.labels
