@@ -1,7 +1,8 @@
 """Tiny teacher / student / SigLIP configs of the built-in world, and their freshly initialised checkpoints.
 
-Sizes are chosen so that the teacher learns every question family on 2 CPU cores in minutes while the
-student trained by SFT alone stays clearly weaker (distillation needs room to show). The teacher's lm_head
+Sizes are chosen so that the teacher trains on 2 CPU cores in minutes and is clearly stronger than the
+student trained by SFT alone (distillation needs room to show); it learns the families answered by reading
+one visual token, not the yes/no and lettered-choice ones (measured in docs/tiny_world.md). The teacher's lm_head
 has 64 more rows than the student's, like Qwen2-7B (152064) vs Qwen2-0.5B (151936), so vocabulary slicing
 is exercised on every run.
 """

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .base import VisionTowerBase
+
 OPEN_CLIP_PREFIX = "open_clip:"
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -167,13 +169,11 @@ def _build_visual(open_clip_config: dict) -> nn.Module:
         return _create_model(f"local-dir:{tmp}", None, load_weights=False).visual
 
 
-class OpenCLIPVisionTower(nn.Module):
+class OpenCLIPVisionTower(VisionTowerBase):
     """An open_clip ViT's `visual`, with `SiglipVisionTower`'s interface (see the module docstring)."""
 
     def __init__(self, vision_config: OpenCLIPVisionConfig, select_layer: int = -2, select_feature: str = "patch"):
-        super().__init__()
-        if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        super().__init__(select_layer, select_feature)
         layers = vision_config.num_hidden_layers
         if not (1 <= select_layer <= layers or -layers <= select_layer <= -1):
             raise ValueError(
@@ -181,8 +181,6 @@ class OpenCLIPVisionTower(nn.Module):
                 f"(1..{layers} or -{layers}..-1; 0, the embeddings, is not available)"
             )
         self.vision_config = vision_config
-        self.select_layer = select_layer
-        self.select_feature = select_feature
         # LLaVA indexes hidden states (index 0 = embeddings); forward_intermediates indexes blocks.
         self.block_index = select_layer - 1 if select_layer > 0 else select_layer
         self.keep_prefix = select_feature == "cls_patch" and vision_config.num_prefix_tokens > 0
@@ -195,21 +193,9 @@ class OpenCLIPVisionTower(nn.Module):
         return self.vision_config
 
     @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
     def num_patches(self) -> int:
         prefix = self.config.num_prefix_tokens if self.keep_prefix else 0
         return (self.config.image_size // self.config.patch_size) ** 2 + prefix
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vision_tower.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vision_tower.parameters()).device
 
     def train(self, mode: bool = True) -> OpenCLIPVisionTower:
         # Always eval: open_clip's patch dropout would drop tokens (N_v varies), drop path would add noise.

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 from transformers import AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
+from .base import VisionTowerBase
 from .open_clip_encoder import OpenCLIPVisionConfig, is_open_clip_name
 from .open_clip_encoder import load_image_processor as load_open_clip_image_processor
 
@@ -44,15 +44,11 @@ def load_image_processor(path_or_config: str | SiglipVisionConfig | OpenCLIPVisi
     return Processor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-class SiglipVisionTower(nn.Module):
+class SiglipVisionTower(VisionTowerBase):
     """Wraps `SiglipVisionModel` so its weights live at `vision_tower.vision_model.*` (LLaVA's layout)."""
 
     def __init__(self, vision_config: SiglipVisionConfig, select_layer: int = -2, select_feature: str = "patch"):
-        super().__init__()
-        if select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
-        self.select_layer = select_layer
-        self.select_feature = select_feature
+        super().__init__(select_layer, select_feature)
         self.vision_tower = SiglipVisionModel(vision_config)
         self.vision_tower.requires_grad_(False)
 
@@ -61,20 +57,8 @@ class SiglipVisionTower(nn.Module):
         return self.vision_tower.config
 
     @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
     def num_patches(self) -> int:
         return (self.config.image_size // self.config.patch_size) ** 2
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vision_tower.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vision_tower.parameters()).device
 
     def load_pretrained(self, path: str) -> None:
         """Load SigLIP weights from a local directory holding a SigLIP (or full SigLIP) checkpoint."""

@@ -1,0 +1,179 @@
+"""How fast can the tiny teacher's LLM learn a question family? The measurement behind docs/tiny_world.md.
+
+The tiny teacher's LLM (`llava.tiny.configs`, random init) is trained on questions from the world's own
+generator (`llava.tiny.questions`) about freshly drawn scenes (an endless stream, no example seen twice),
+with an upper bound on what the vision tower can give it: each visual token is the *perfect* one-hot code of
+its grid cell (occupied, colour, shape, size; N_v = 9 as in the preset), through a fresh 2-layer GELU
+projector. `--scene text` replaces the visual tokens with the scene's caption in words (the "pretrained LLM
+reading a text scene" control); `--scene aligned` keeps 9 visual tokens but makes each the mean of the word
+embeddings naming its cell's object (what a projector perfectly aligned to the LLM's word space would give).
+`--text-first N` trains N steps on text scenes, then freezes the LLM and trains only the projector on visual
+tokens (a text-skilled LLM, then LLaVA's projector-only alignment). The loss and the accuracy are those of the answer's first token, after the
+preset's chat template. Validation accuracy per family (and the majority-answer rate, i.e. chance) is
+printed every `--eval-every` steps.
+
+    python -m llava.tiny.preset prepare                                # the tokenizer (cached)
+    python benchmarks/bench_tiny_learnability.py --families existence  # ~5 min on 2 CPU cores
+    python benchmarks/bench_tiny_learnability.py --families existence,attribute,choice --steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llava.tiny.configs import llm_config
+from llava.tiny.preset import preset_paths
+from llava.tiny.questions import FAMILIES, Balancer, askable, caption_scene, make_question
+from llava.tiny.scenes import COLORS, HELDOUT_COMBOS, SHAPES, SIZES, TRAIN_COMBOS, Scene, sample_scene
+
+CELL_FEATURES = 1 + len(COLORS) + len(SHAPES) + len(SIZES)
+
+
+def cell_codes(scene: Scene) -> torch.Tensor:
+    """[9, CELL_FEATURES]: occupied, one-hot colour, shape and size of each grid cell (row-major)."""
+    x = torch.zeros(9, CELL_FEATURES)
+    offsets = (1, 1 + len(COLORS), 1 + len(COLORS) + len(SHAPES))
+    for o in scene.objects:
+        cell = o.row * 3 + o.col
+        x[cell, 0] = 1
+        for off, values, value in zip(offsets, (list(COLORS), SHAPES, list(SIZES)), (o.color, o.shape, o.size)):
+            x[cell, off + values.index(value)] = 1
+    return x
+
+
+class QuestionStream:
+    """Fresh (scene, question) pairs of the chosen families, encoded around an image placeholder."""
+
+    def __init__(self, tokenizer, families: list[str], seed: int):
+        self.tok, self.families, self.rng, self.balancer = tokenizer, families, random.Random(seed), Balancer()
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "<image>\n{q}"}], add_generation_prompt=True, tokenize=False
+        )
+        self.before, after = prompt.split("<image>")
+        self.after_head, self.after_tail = after.split("{q}")
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def __next__(self) -> dict:
+        while True:
+            scene = sample_scene(self.rng, TRAIN_COMBOS, text_prob=0.0)
+            families = [f for f in self.families if askable(f, scene)]
+            if families:
+                break
+        family = self.rng.choice(families)
+        q = make_question(family, scene, self.rng, self.balancer, banned=set(HELDOUT_COMBOS))
+        return {
+            "family": family, "cells": cell_codes(scene), "caption": self.ids(caption_scene(scene)),
+            "before": self.ids(self.before), "after": self.ids(self.after_head + q.text + self.after_tail),
+            "answer": self.ids(q.answer)[0], "words": [self.ids(f" {o.size} {o.color} {o.shape}") for o in scene.objects],
+            "cells_of": [o.row * 3 + o.col for o in scene.objects],
+        }
+
+
+class Bench(torch.nn.Module):
+    def __init__(self, tokenizer, backbone: str, scene: str):
+        super().__init__()
+        self.lm = AutoModelForCausalLM.from_config(llm_config("teacher", backbone, tokenizer))
+        hidden = self.lm.config.hidden_size
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(CELL_FEATURES, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden)
+        )
+        self.scene = scene
+
+    def forward(self, batch: list[dict]) -> torch.Tensor:
+        """Answer logits [B, V] at the last prompt position (sequences right-padded)."""
+        emb = self.lm.get_input_embeddings()
+        seqs = []
+        for ex in batch:
+            if self.scene == "visual":
+                image = self.projector(ex["cells"])
+            elif self.scene == "text":
+                image = emb(torch.tensor(ex["caption"]))
+            else:  # aligned: empty cells stay zero vectors
+                image = torch.zeros(9, emb.embedding_dim).index_copy(
+                    0, torch.tensor(ex["cells_of"]), torch.stack([emb(torch.tensor(w)).mean(0) for w in ex["words"]]))
+            seqs.append(torch.cat([emb(torch.tensor(ex["before"])), image, emb(torch.tensor(ex["after"]))]))
+        lengths = torch.tensor([len(s) for s in seqs])
+        x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+        logits = self.lm(inputs_embeds=x, attention_mask=mask).logits
+        return logits[torch.arange(len(seqs)), lengths - 1]
+
+
+@torch.no_grad()
+def evaluate(model: Bench, val: list[dict], batch_size: int = 100) -> dict[str, float]:
+    hits = defaultdict(list)
+    for i in range(0, len(val), batch_size):
+        chunk = val[i:i + batch_size]
+        pred = model(chunk).argmax(-1)
+        for ex, p in zip(chunk, pred.tolist()):
+            hits[ex["family"]].append(p == ex["answer"])
+    return {f: 100 * sum(v) / len(v) for f, v in sorted(hits.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default="existence", help=f"comma-separated, from {','.join(FAMILIES)}")
+    parser.add_argument("--scene", choices=("visual", "text", "aligned"), default="visual")
+    parser.add_argument("--text-first", type=int, default=0, help="text-scene steps before a projector-only phase")
+    parser.add_argument("--backbone", choices=("qwen2", "qwen3"), default="qwen2")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--val-size", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--tokenizer", type=Path, default=preset_paths()["tokenizer"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    families = args.families.split(",")
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    if not (args.tokenizer / "tokenizer.json").is_file():
+        parser.error(f"no tokenizer at {args.tokenizer}: run `python -m llava.tiny.preset prepare` first")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    val_stream = QuestionStream(tok, families, seed=args.seed + 10_000)
+    val = [next(val_stream) for _ in range(args.val_size)]
+    chance = {f: 100 * Counter(ex["answer"] for ex in val if ex["family"] == f).most_common(1)[0][1]
+              / sum(ex["family"] == f for ex in val) for f in families}
+    print("chance (majority answer): " + "  ".join(f"{f} {chance[f]:.1f}" for f in sorted(chance)))
+    train = QuestionStream(tok, families, seed=args.seed)
+    model = Bench(tok, args.backbone, "text" if args.text_first else args.scene)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    start = time.time()
+    for step in tqdm(range(args.steps + 1), desc="train", mininterval=5):
+        if args.text_first and step == args.text_first:
+            model.scene = "visual"
+            model.lm.requires_grad_(False)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(model, val)
+            tqdm.write(f"step {step:5d}  " + "  ".join(f"{f} {a:5.1f}" for f, a in acc.items())
+                       + f"  ({time.time() - start:.0f} s)")
+        if step == args.steps:
+            break
+        batch = [next(train) for _ in range(args.batch_size)]
+        loss = F.cross_entropy(model(batch), torch.tensor([ex["answer"] for ex in batch]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+if __name__ == "__main__":
+    main()

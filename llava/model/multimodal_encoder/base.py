@@ -1,0 +1,29 @@
+"""What every vision tower shares: LLaVA's feature selection arguments and the frozen module's dtype/device."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VisionTowerBase(nn.Module):
+    """Subclasses set `self.vision_tower` (the frozen encoder) and define `config`, `num_patches`, `forward`."""
+
+    def __init__(self, select_layer: int, select_feature: str):
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision_tower.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vision_tower.parameters()).device

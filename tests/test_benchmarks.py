@@ -1,0 +1,33 @@
+"""Smoke tests of the benchmark scripts' entry points (their measurements are not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tiny_learnability.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("scene", ["visual", "text", "aligned", "text-first"])
+def test_learnability_bench_runs(mini_root, tokenizer, scene):
+    mode = ["--text-first", "1"] if scene == "text-first" else ["--scene", scene]
+    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--families", "existence,attribute", *mode,
+               "--steps", "2", "--eval-every", "1", "--val-size", "8", "--batch-size", "4", "--threads", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step")]
+    assert len(steps) == 3 and all("existence" in line for line in steps), out.stdout
+    assert out.stdout.startswith("chance (majority answer):")
+
+
+def test_learnability_bench_names_bad_arguments(mini_root, tokenizer, tmp_path):
+    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--families", "existence,colour")
+    assert out.returncode == 2 and "unknown families ['colour']" in out.stderr
+    out = _run("--tokenizer", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "no tokenizer at" in out.stderr and "llava.tiny.preset prepare" in out.stderr
