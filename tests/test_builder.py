@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.builder import load_pretrained_model
-from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+from llava.tiny.fixtures import mini_llava, save_mini_checkpoint, save_projector_only
 
 
 def _logits(model, tokenizer):
@@ -61,22 +61,11 @@ def test_aligntI_layout_loads(tmp_path, tokenizer):
 
 def test_projector_only_checkpoint_with_model_base(tmp_path, tokenizer):
     """Pretrain-stage output (config + mm_projector) on top of a base LLM and a SigLIP dir."""
-    from transformers import Qwen2ForCausalLM
-
     model = mini_llava(tokenizer)
-    base = tmp_path / "base"
-    llm = Qwen2ForCausalLM(model.config)
-    llm.load_state_dict({k: v for k, v in model.state_dict().items() if "vision" not in k and "projector" not in k})
-    llm.save_pretrained(base)
-    tokenizer.save_pretrained(base)
     siglip = tmp_path / "siglip"
     model.get_vision_tower().vision_tower.save_pretrained(siglip)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    state = {k: v for k, v in model.state_dict().items() if "mm_projector" in k}
-    save_file(state, proj / "mm_projector.safetensors", metadata={"format": "pt"})
     model.config.mm_vision_tower = str(siglip)
-    model.config.save_pretrained(proj)
+    base, proj = save_projector_only(model, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="model-base"):
         load_pretrained_model(str(proj), device="cpu")
     _, loaded, _, _ = load_pretrained_model(str(proj), model_base=str(base), device="cpu")

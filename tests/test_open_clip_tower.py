@@ -33,7 +33,7 @@ from llava.model.multimodal_encoder.open_clip_encoder import (
     describe_open_clip_tower,
 )
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
-from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+from llava.tiny.fixtures import mini_llava, save_mini_checkpoint, save_projector_only
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 WIDTH, LAYERS, IMAGE, PATCH = 24, 3, 16, 4  # N_v = 16 patches
@@ -364,19 +364,8 @@ def test_llava_forward_and_checkpoint_roundtrip(tmp_path, tokenizer):
 
 def test_projector_only_checkpoint_loads_the_open_clip_tower(tmp_path, tokenizer):
     """Pretrain-stage output (config + mm_projector) on a base LLM: the tower's weights come from its name."""
-    from transformers import Qwen2ForCausalLM
-
-    folder = open_clip_dir(tmp_path, "native")
-    model = llava_with_open_clip(tokenizer, folder)
-    base = tmp_path / "base"
-    llm = Qwen2ForCausalLM(model.config)
-    llm.load_state_dict({k: v for k, v in model.state_dict().items() if "vision" not in k and "projector" not in k})
-    llm.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    save_file({k: v for k, v in model.state_dict().items() if "mm_projector" in k}, proj / "mm_projector.safetensors")
-    model.config.save_pretrained(proj)
+    model = llava_with_open_clip(tokenizer, open_clip_dir(tmp_path, "native"))
+    base, proj = save_projector_only(model, tokenizer, tmp_path)
     _, loaded, _, _ = load_pretrained_model(str(proj), model_base=str(base), device="cpu")
     images = torch.randn(1, 3, IMAGE, IMAGE)
     torch.testing.assert_close(_logits(loaded, tokenizer, images), _logits(model, tokenizer, images), rtol=0, atol=0)

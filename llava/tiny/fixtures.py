@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, SiglipVisionConfig
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, Qwen2ForCausalLM, Qwen3ForCausalLM, SiglipVisionConfig
 
 from llava.model import LlavaQwen3Config, LlavaQwen3ForCausalLM, LlavaQwenConfig, LlavaQwenForCausalLM
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
@@ -56,6 +57,21 @@ def save_mini_checkpoint(model, tokenizer, out_dir: Path) -> Path:
     tokenizer.save_pretrained(out_dir)
     load_image_processor(model.get_vision_tower().config).save_pretrained(out_dir)
     return out_dir
+
+
+def save_projector_only(model, tokenizer, root: Path) -> tuple[Path, Path]:
+    """LLaVA's pretrain-stage layout: `root/base` (the LLM alone) and `root/proj` (config + mm_projector)."""
+    base, proj = Path(root) / "base", Path(root) / "proj"
+    llm_cls = Qwen2ForCausalLM if isinstance(model, LlavaQwenForCausalLM) else Qwen3ForCausalLM
+    llm = llm_cls(model.config)
+    llm.load_state_dict({k: v for k, v in model.state_dict().items() if "vision" not in k and "projector" not in k})
+    llm.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    proj.mkdir(parents=True)
+    state = {k: v for k, v in model.state_dict().items() if "mm_projector" in k}
+    save_file(state, proj / "mm_projector.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(proj)
+    return base, proj
 
 
 def load_tokenizer(path: Path):
