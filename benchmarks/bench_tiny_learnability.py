@@ -8,7 +8,9 @@ projector. `--scene text` replaces the visual tokens with the scene's caption in
 reading a text scene" control); `--scene aligned` keeps 9 visual tokens but makes each the mean of the word
 embeddings naming its cell's object (what a projector perfectly aligned to the LLM's word space would give).
 `--text-first N` trains N steps on text scenes, then freezes the LLM and trains only the projector on visual
-tokens (a text-skilled LLM, then LLaVA's projector-only alignment). The loss and the accuracy are those of the answer's first token, after the
+tokens (a text-skilled LLM, then LLaVA's projector-only alignment). `--caption-steps N` first trains N steps
+on the scenes' captions (LLaVA's stage 1, LLM and projector together, as the tiny preset does); `--tie` ties
+the LLM's input and output embeddings (as Qwen2-0.5B/1.5B do). The loss and the accuracy are those of the answer's first token, after the
 preset's chat template. Validation accuracy per family (and the majority-answer rate, i.e. chance) is
 printed every `--eval-every` steps.
 
@@ -81,33 +83,54 @@ class QuestionStream:
 
 
 class Bench(torch.nn.Module):
-    def __init__(self, tokenizer, backbone: str, scene: str):
+    def __init__(self, tokenizer, backbone: str, scene: str, tie: bool = False):
         super().__init__()
-        self.lm = AutoModelForCausalLM.from_config(llm_config("teacher", backbone, tokenizer))
+        config = llm_config("teacher", backbone, tokenizer)
+        config.tie_word_embeddings = tie
+        self.lm = AutoModelForCausalLM.from_config(config)
         hidden = self.lm.config.hidden_size
         self.projector = torch.nn.Sequential(
             torch.nn.Linear(CELL_FEATURES, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden)
         )
         self.scene = scene
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _image(self, ex: dict) -> torch.Tensor:
+        emb = self.lm.get_input_embeddings()
+        if self.scene == "visual":
+            return self.projector(ex["cells"])
+        if self.scene == "text":
+            return emb(torch.tensor(ex["caption"]))
+        words = torch.stack([emb(torch.tensor(w)).mean(0) for w in ex["words"]])  # aligned; empty cells stay 0
+        return torch.zeros(9, emb.embedding_dim).index_copy(0, torch.tensor(ex["cells_of"]), words)
+
+    def _run(self, seqs: list[torch.Tensor], labels: list[torch.Tensor] | None = None):
+        lengths = torch.tensor([len(s) for s in seqs])
+        x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+        if labels is not None:
+            y = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)
+            return self.lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        return self.lm(inputs_embeds=x, attention_mask=mask).logits[torch.arange(len(seqs)), lengths - 1]
 
     def forward(self, batch: list[dict]) -> torch.Tensor:
         """Answer logits [B, V] at the last prompt position (sequences right-padded)."""
         emb = self.lm.get_input_embeddings()
-        seqs = []
+        return self._run([
+            torch.cat([emb(torch.tensor(ex["before"])), self._image(ex), emb(torch.tensor(ex["after"]))])
+            for ex in batch
+        ])
+
+    def caption_loss(self, batch: list[dict]) -> torch.Tensor:
+        """LLaVA's stage-1 loss (plain template): the caption after the visual tokens."""
+        emb = self.lm.get_input_embeddings()
+        seqs, labels = [], []
         for ex in batch:
-            if self.scene == "visual":
-                image = self.projector(ex["cells"])
-            elif self.scene == "text":
-                image = emb(torch.tensor(ex["caption"]))
-            else:  # aligned: empty cells stay zero vectors
-                image = torch.zeros(9, emb.embedding_dim).index_copy(
-                    0, torch.tensor(ex["cells_of"]), torch.stack([emb(torch.tensor(w)).mean(0) for w in ex["words"]]))
-            seqs.append(torch.cat([emb(torch.tensor(ex["before"])), image, emb(torch.tensor(ex["after"]))]))
-        lengths = torch.tensor([len(s) for s in seqs])
-        x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
-        mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
-        logits = self.lm(inputs_embeds=x, attention_mask=mask).logits
-        return logits[torch.arange(len(seqs)), lengths - 1]
+            caption = torch.tensor([*ex["caption"], self.eos])
+            image = self._image(ex)
+            seqs.append(torch.cat([image, emb(caption)]))
+            labels.append(torch.cat([torch.full((len(image),), -100), caption]))
+        return self._run(seqs, labels)
 
 
 @torch.no_grad()
@@ -126,6 +149,8 @@ def main() -> None:
     parser.add_argument("--families", default="existence", help=f"comma-separated, from {','.join(FAMILIES)}")
     parser.add_argument("--scene", choices=("visual", "text", "aligned"), default="visual")
     parser.add_argument("--text-first", type=int, default=0, help="text-scene steps before a projector-only phase")
+    parser.add_argument("--caption-steps", type=int, default=0, help="caption steps before the question steps")
+    parser.add_argument("--tie", action="store_true", help="tie the LLM's input and output embeddings")
     parser.add_argument("--backbone", choices=("qwen2", "qwen3"), default="qwen2")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -153,7 +178,7 @@ def main() -> None:
               / sum(ex["family"] == f for ex in val) for f in families}
     print("chance (majority answer): " + "  ".join(f"{f} {chance[f]:.1f}" for f in sorted(chance)))
     train = QuestionStream(tok, families, seed=args.seed)
-    model = Bench(tok, args.backbone, "text" if args.text_first else args.scene)
+    model = Bench(tok, args.backbone, "text" if args.text_first else args.scene, tie=args.tie)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     start = time.time()
@@ -168,7 +193,10 @@ def main() -> None:
         if step == args.steps:
             break
         batch = [next(train) for _ in range(args.batch_size)]
-        loss = F.cross_entropy(model(batch), torch.tensor([ex["answer"] for ex in batch]))
+        if step < args.caption_steps:
+            loss = model.caption_loss(batch)
+        else:
+            loss = F.cross_entropy(model(batch), torch.tensor([ex["answer"] for ex in batch]))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -15,9 +15,12 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("scene", ["visual", "text", "aligned", "text-first"])
+MODES = {"text-first": ["--text-first", "1"], "caption-tied": ["--caption-steps", "1", "--tie"]}
+
+
+@pytest.mark.parametrize("scene", ["visual", "text", "aligned", "text-first", "caption-tied"])
 def test_learnability_bench_runs(mini_root, tokenizer, scene):
-    mode = ["--text-first", "1"] if scene == "text-first" else ["--scene", scene]
+    mode = MODES.get(scene, ["--scene", scene])
     out = _run("--tokenizer", str(mini_root / "tokenizer"), "--families", "existence,attribute", *mode,
                "--steps", "2", "--eval-every", "1", "--val-size", "8", "--batch-size", "4", "--threads", "1")
     assert out.returncode == 0, out.stderr[-2000:]
