@@ -10,8 +10,12 @@ embeddings naming its cell's object (what a projector perfectly aligned to the L
 `--text-first N` trains N steps on text scenes, then freezes the LLM and trains only the projector on visual
 tokens (a text-skilled LLM, then LLaVA's projector-only alignment). `--caption-steps N` first trains N steps
 on the scenes' captions (LLaVA's stage 1, LLM and projector together, as the tiny preset does); `--tie` ties
-the LLM's input and output embeddings (as Qwen2-0.5B/1.5B do). The loss and the accuracy are those of the answer's first token, after the
-preset's chat template. Validation accuracy per family (and the majority-answer rate, i.e. chance) is
+the LLM's input and output embeddings (as Qwen2-0.5B/1.5B do). `--pretrain-steps N --align-steps M` is
+LLaVA's recipe for a pretrained LLM: N steps of the LLM alone on aligned scenes (caption and question batches
+alternate), then M projector-only caption steps on the visual codes with the LLM frozen (validation during
+those M steps measures the alignment: the frozen LLM answers from the projector's tokens), then questions on
+visual codes with everything trained. The loss and the accuracy are those of the answer's first token, after
+the preset's chat template. Validation accuracy per family (and the majority-answer rate, i.e. chance) is
 printed every `--eval-every` steps.
 
     python -m llava.tiny.preset prepare                                # the tokenizer (cached)
@@ -150,6 +154,10 @@ def main() -> None:
     parser.add_argument("--scene", choices=("visual", "text", "aligned"), default="visual")
     parser.add_argument("--text-first", type=int, default=0, help="text-scene steps before a projector-only phase")
     parser.add_argument("--caption-steps", type=int, default=0, help="caption steps before the question steps")
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="stage 0: steps on aligned scenes (captions and questions alternate), LLM only")
+    parser.add_argument("--align-steps", type=int, default=0,
+                        help="then projector-only caption steps on visual codes, LLM frozen (LLaVA stage 1)")
     parser.add_argument("--tie", action="store_true", help="tie the LLM's input and output embeddings")
     parser.add_argument("--backbone", choices=("qwen2", "qwen3"), default="qwen2")
     parser.add_argument("--steps", type=int, default=1000)
@@ -178,7 +186,9 @@ def main() -> None:
               / sum(ex["family"] == f for ex in val) for f in families}
     print("chance (majority answer): " + "  ".join(f"{f} {chance[f]:.1f}" for f in sorted(chance)))
     train = QuestionStream(tok, families, seed=args.seed)
-    model = Bench(tok, args.backbone, "text" if args.text_first else args.scene, tie=args.tie)
+    first = "text" if args.text_first else "aligned" if args.pretrain_steps else args.scene
+    model = Bench(tok, args.backbone, first, tie=args.tie)
+    staged = args.pretrain_steps + args.align_steps
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     start = time.time()
@@ -186,6 +196,11 @@ def main() -> None:
         if args.text_first and step == args.text_first:
             model.scene = "visual"
             model.lm.requires_grad_(False)
+        if args.pretrain_steps and step == args.pretrain_steps:
+            model.scene = "visual"
+            model.lm.requires_grad_(False)
+        if staged and step == staged:
+            model.lm.requires_grad_(True)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, val)
             tqdm.write(f"step {step:5d}  " + "  ".join(f"{f} {a:5.1f}" for f, a in acc.items())
@@ -193,7 +208,9 @@ def main() -> None:
         if step == args.steps:
             break
         batch = [next(train) for _ in range(args.batch_size)]
-        if step < args.caption_steps:
+        if step < args.caption_steps or args.pretrain_steps <= step < staged:
+            loss = model.caption_loss(batch)
+        elif step < args.pretrain_steps and step % 2:
             loss = model.caption_loss(batch)
         else:
             loss = F.cross_entropy(model(batch), torch.tensor([ex["answer"] for ex in batch]))
