@@ -1,5 +1,5 @@
 """Training entry end to end on the mini world: finetune, interrupt + resume, two processes (ZeRO-2 and ZeRO-3,
-gloo), the vision tower in every multi-process step."""
+gloo; ZeRO-3 resume), the vision tower in every multi-process step."""
 
 import json
 import math
@@ -207,6 +207,40 @@ def test_zero3_two_processes_train_as_one(stage, tmp_path, start_ckpt, mini_root
     assert weights.keys() == ref_weights.keys()
     for k, v in ref_weights.items():
         torch.testing.assert_close(weights[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_zero3_run_resumes_from_its_checkpoint(tmp_path, start_ckpt, mini_root, mini_world, zero3_data):
+    """torchrun x2 + ZeRO-3 stopped after step 1, then resumed from its checkpoint (partitioned weights and AdamW
+    moments): step 2's loss and the final weights are those of the same run left uninterrupted."""
+    run, data = (start_ckpt, mini_root, mini_world), zero3_data["finetune"]
+    z3 = ("--deepspeed", str(REPO / "scripts" / "zero3.json"), "--gradient_checkpointing", "True",
+          "--save_strategy", "steps", "--save_steps", "1", "--optim", "adamw_torch", "--learning_rate", "1e-2")
+    ref = _train_stage(tmp_path / "straight", "finetune", data, *run, 2, *z3)
+    out = tmp_path / "resumed"
+    first = _train_stage(out, "finetune", data, *run, 2, *z3, "--max_steps", "1")
+    assert first["global_step"] == 1 and (out / "checkpoint-1" / "trainer_state.json").is_file()
+    (out / "model.safetensors").unlink()  # as an interrupted run leaves it: a checkpoint, no final model
+    # Mark step 1's logged loss: a resumed run keeps the checkpoint's history, a restarted one logs it anew.
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    next(e for e in state["log_history"] if "loss" in e)["loss"] = -1.0
+    state_file.write_text(json.dumps(state))
+    second = _train_stage(out, "finetune", data, *run, 2, *z3)
+    assert second["global_step"] == 2
+    logged = {e["step"]: e["loss"] for e in second["log_history"] if "loss" in e}
+    expected = {e["step"]: e["loss"] for e in ref["log_history"] if "loss" in e}
+    assert logged.keys() == expected.keys() == {1, 2}
+    assert logged[1] == -1.0, "the second run did not resume from checkpoint-1"
+    assert logged[2] == pytest.approx(expected[2], rel=1e-5, abs=1e-6)
+    weights, ref_weights = _loaded_weights(out, None), _loaded_weights(tmp_path / "straight", None)
+    start = _loaded_weights(start_ckpt, None)
+    assert weights.keys() == ref_weights.keys()
+    # Same ranks, same reduction order: bitwise equal. (Step 1's weights with fresh AdamW moments, i.e. a resume
+    # that lost the optimizer state, end up to 0.017 away.)
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(weights[k], v, atol=0, rtol=0, msg=k)
+    assert max(float((ref_weights[k] - start[k]).abs().max()) for k in start) > 1e-3  # the steps moved
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flash_attention_2", "flex_attention"])
