@@ -13,8 +13,10 @@ from llava.constants import IGNORE_INDEX, TokenType
 
 
 @torch.no_grad()
-def on_policy_batch(student, batch: dict, tokenizer, max_new_tokens: int) -> dict:
-    """A batch of the same prompts with student-generated responses (right-padded, as the collator does)."""
+def on_policy_batch(student, batch: dict, tokenizer, max_new_tokens: int, vision_in_step: bool = False) -> dict:
+    """A batch of the same prompts with student-generated responses (right-padded, as the collator does).
+
+    `vision_in_step`: encode a blank image for a text-only batch (`aligntI_patch.zero3.needs_blank_image`)."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id
     prompts = []
@@ -29,9 +31,9 @@ def on_policy_batch(student, batch: dict, tokenizer, max_new_tokens: int) -> dic
         left[i, width - len(p):], mask[i, width - len(p):] = p, 1
     was_training = student.training
     student.eval()
-    generated = student.generate(left, images=batch.get("images"), attention_mask=mask, do_sample=True,
-                                 temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                 pad_token_id=pad)
+    generated = student.generate(left, images=batch.get("images"), vision_in_step=vision_in_step,
+                                 attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     student.train(was_training)
     if generated.shape[1] >= width and torch.equal(generated[:, :width], left):  # text-only: prompt echoed
         generated = generated[:, width:]

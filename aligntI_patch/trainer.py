@@ -74,11 +74,13 @@ class AlignTITrainer(LLaVATrainer):
     def maybe_on_policy(self, batch: dict) -> dict:
         """GKD baseline: with probability `on_policy_prob`, the batch's responses sampled from the student.
 
-        The seeded draw is the same on every process, so all ranks generate together (ZeRO-3 needs that)."""
+        The seeded draw is the same on every process, so all ranks generate together, and a text-only batch
+        still runs the vision path (ZeRO-3 needs both: every module call is a collective)."""
         if self.on_policy_rng.random() >= self.args.on_policy_prob:
             return batch
         student = self.accelerator.unwrap_model(self.model)
-        return on_policy_batch(student, batch, self.processing_class, self.args.on_policy_max_new_tokens)
+        blank = needs_blank_image(batch.get("images"), self.args)
+        return on_policy_batch(student, batch, self.processing_class, self.args.on_policy_max_new_tokens, blank)
 
     # -- the loss -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -206,3 +206,14 @@ def test_zero3_full_save_needs_16bit_gather():
         check_full_save(args, full_checkpoint=True)
     finally:
         unset_hf_deepspeed_config()
+
+
+@pytest.mark.slow
+def test_on_policy_under_zero3_two_processes(tmp_path, tied_pair, mixed_data, mini_world):
+    """GKD baseline under ZeRO-3: both ranks sample (the image on one rank only in some micro-steps) and train."""
+    state = _distill(tmp_path / "gkd", tied_pair, mixed_data, mini_world, 2, "--per_device_train_batch_size", "1",
+                     "--deepspeed", str(REPO / "scripts" / "zero3.json"), "--on_policy_prob", "1",
+                     "--on_policy_max_new_tokens", "6")
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert state["global_step"] == 2 and len(logged) == 2
+    assert all(math.isfinite(e[k]) for e in logged for k in ("loss", "loss_sft", "loss_kd", "loss_iva", "loss_tpa"))
