@@ -29,15 +29,14 @@ import argparse
 import random
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tiny_common import add_run_args, setup
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from llava.tiny.configs import llm_config
-from llava.tiny.preset import preset_paths
 from llava.tiny.questions import FAMILIES, Balancer, askable, caption_scene, make_question
 from llava.tiny.scenes import COLORS, HELDOUT_COMBOS, SHAPES, SIZES, TRAIN_COMBOS, Scene, sample_scene
 
@@ -166,20 +165,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--val-size", type=int, default=400)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--tokenizer", type=Path, default=preset_paths()["tokenizer"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_run_args(parser)
     args = parser.parse_args()
     families = args.families.split(",")
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
-    if not (args.tokenizer / "tokenizer.json").is_file():
-        parser.error(f"no tokenizer at {args.tokenizer}: run `python -m llava.tiny.preset prepare` first")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = setup(parser, args)
     val_stream = QuestionStream(tok, families, seed=args.seed + 10_000)
     val = [next(val_stream) for _ in range(args.val_size)]
     chance = {f: 100 * Counter(ex["answer"] for ex in val if ex["family"] == f).most_common(1)[0][1]

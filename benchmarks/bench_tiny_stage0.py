@@ -24,16 +24,15 @@ import math
 import random
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
+from tiny_common import add_run_args, setup
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import tokenize_conversation
 from llava.tiny.configs import llm_config
-from llava.tiny.preset import preset_paths
 from llava.tiny.questions import (
     CAPTION_PROMPTS,
     FAMILIES,
@@ -182,16 +181,9 @@ def main() -> None:
                         "that also ask for a description")
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--per-family", type=int, default=60, help="validation questions per family")
-    parser.add_argument("--tokenizer", type=Path, default=preset_paths()["tokenizer"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_run_args(parser)
     args = parser.parse_args()
-    if not (args.tokenizer / "tokenizer.json").is_file():
-        parser.error(f"no tokenizer at {args.tokenizer}: run `python -m llava.tiny.preset prepare` first")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = setup(parser, args)
     template = {"qwen2": "qwen_2", "qwen3": "qwen_3"}[args.backbone]
     model = AutoModelForCausalLM.from_config(llm_config(args.role, args.backbone, tok))
     stream = WorldStream(tok, template, args.seed, caption_prob=args.caption_prob,
