@@ -20,7 +20,7 @@ class ModelArguments:
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (projector still trains)"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Pretrain stage: train only the projector"})
     tune_vision_tower: bool = field(
-        default=False, metadata={"help": "Also train the vision tower (the tiny preset trains its SigLIP this way)"}
+        default=False, metadata={"help": "Also train the vision tower (the paper keeps SigLIP frozen)"}
     )
     vision_tower: str | None = field(default=None, metadata={"help": "Local SigLIP checkpoint dir, or open_clip:<dir> / open_clip:<arch>:<weights> / hf-hub:<repo> (openclip extra)"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision hidden state to use (-2: penultimate)"})
