@@ -15,7 +15,7 @@ import torch
 from aligntI_patch.arguments import DistillArguments
 from aligntI_patch.distill import check_pair, load_teacher
 from aligntI_patch.trainer import AlignTITrainer
-from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+from llava.tiny.fixtures import free_port, mini_llava, save_mini_checkpoint
 from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_two_process_distillation_zero2(tmp_path, pair, mini_world):
     student_path, teacher_path = pair
     out = tmp_path / "ddp"
     n_records = len(json.loads((mini_world / "finetune.json").read_text()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            *_cmd(student_path, teacher_path, mini_world, out, "--num_train_epochs", "1", "--save_steps", "1000",
                  "--deepspeed", str(REPO / "scripts" / "zero2.json"))]
     run = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from aligntI_patch.zero3 import needs_blank_image
 from llava.model.builder import load_pretrained_model
-from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+from llava.tiny.fixtures import free_port, mini_llava, save_mini_checkpoint
 from llava.train import arguments
 from llava.train.arguments import ModelArguments, TrainingArguments, check_trainable_attention
 from llava.train.train import build_model
@@ -103,7 +103,7 @@ def test_two_processes_train_one_model(tmp_path, start_ckpt, mini_world):
     """torchrun x2 + ZeRO-2 on CPU (gloo, --use_cpu): the data is split, so steps halve; one model results."""
     out = tmp_path / "ddp"
     n_records = len(json.loads((mini_world / "finetune.json").read_text()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "llava.train.train",
            *_args(start_ckpt, mini_world, out, "--num_train_epochs", "1", "--save_steps", "1000",
                   "--deepspeed", str(REPO / "scripts" / "zero2.json"))]
@@ -169,7 +169,7 @@ def _train_stage(out, stage, data, start_ckpt, mini_root, mini_world, n_proc, *e
             "--disable_tqdm", "True", "--use_cpu", *ZERO3_STAGES[stage], *extra]
     launch = [sys.executable]
     if n_proc > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(n_proc), "--master_port", "29553"]
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(n_proc), "--master_port", free_port()]
     run = subprocess.run(launch + ["-m", "llava.train.train", *args], env=_env(), cwd=REPO, capture_output=True,
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -26,7 +26,7 @@ from aligntI_patch.zero3 import (
     through_wrapper,
     whole_weights,
 )
-from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+from llava.tiny.fixtures import free_port, mini_llava, save_mini_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ def _distill(out: Path, pair, data: Path, mini_world, n_proc: int, *extra: str) 
             "--dataloader_num_workers", "0", "--disable_tqdm", "True", "--use_cpu", *extra]
     launch = [sys.executable]
     if n_proc > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(n_proc), "--master_port", "29543"]
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(n_proc), "--master_port", free_port()]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(launch + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -5,6 +5,7 @@ Everything is built from configs and generated data (no download), cached under 
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -76,3 +77,10 @@ def save_projector_only(model, tokenizer, root: Path) -> tuple[Path, Path]:
 
 def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
+
+
+def free_port() -> str:
+    """A TCP port free right now, for torchrun's `--master_port` (fixed ports collide across concurrent runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
