@@ -32,10 +32,11 @@ from collections import Counter, defaultdict
 
 import torch
 import torch.nn.functional as F
-from tiny_common import add_run_args, setup
+from tiny_common import GRID_CELLS, add_run_args, cell_phrases, setup, slot_embeddings
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from llava.constants import IGNORE_INDEX
 from llava.tiny.configs import llm_config
 from llava.tiny.questions import FAMILIES, Balancer, askable, caption_scene, make_question
 from llava.tiny.scenes import COLORS, HELDOUT_COMBOS, SHAPES, SIZES, TRAIN_COMBOS, Scene, sample_scene
@@ -45,7 +46,7 @@ CELL_FEATURES = 1 + len(COLORS) + len(SHAPES) + len(SIZES)
 
 def cell_codes(scene: Scene) -> torch.Tensor:
     """[9, CELL_FEATURES]: occupied, one-hot colour, shape and size of each grid cell (row-major)."""
-    x = torch.zeros(9, CELL_FEATURES)
+    x = torch.zeros(GRID_CELLS, CELL_FEATURES)
     offsets = (1, 1 + len(COLORS), 1 + len(COLORS) + len(SHAPES))
     for o in scene.objects:
         cell = o.row * 3 + o.col
@@ -80,8 +81,8 @@ class QuestionStream:
         return {
             "family": family, "cells": cell_codes(scene), "caption": self.ids(caption_scene(scene)),
             "before": self.ids(self.before), "after": self.ids(self.after_head + q.text + self.after_tail),
-            "answer": self.ids(q.answer)[0], "words": [self.ids(f" {o.size} {o.color} {o.shape}") for o in scene.objects],
-            "cells_of": [o.row * 3 + o.col for o in scene.objects],
+            "answer": self.ids(q.answer)[0],
+            "slots": [None if p is None else self.ids(p) for p in cell_phrases(scene)],
         }
 
 
@@ -104,15 +105,14 @@ class Bench(torch.nn.Module):
             return self.projector(ex["cells"])
         if self.scene == "text":
             return emb(torch.tensor(ex["caption"]))
-        words = torch.stack([emb(torch.tensor(w)).mean(0) for w in ex["words"]])  # aligned; empty cells stay 0
-        return torch.zeros(9, emb.embedding_dim).index_copy(0, torch.tensor(ex["cells_of"]), words)
+        return slot_embeddings(ex["slots"], emb)  # aligned
 
     def _run(self, seqs: list[torch.Tensor], labels: list[torch.Tensor] | None = None):
         lengths = torch.tensor([len(s) for s in seqs])
         x = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
         mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
         if labels is not None:
-            y = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-100)
+            y = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
             return self.lm(inputs_embeds=x, attention_mask=mask, labels=y).loss
         return self.lm(inputs_embeds=x, attention_mask=mask).logits[torch.arange(len(seqs)), lengths - 1]
 
@@ -132,7 +132,7 @@ class Bench(torch.nn.Module):
             caption = torch.tensor([*ex["caption"], self.eos])
             image = self._image(ex)
             seqs.append(torch.cat([image, emb(caption)]))
-            labels.append(torch.cat([torch.full((len(image),), -100), caption]))
+            labels.append(torch.cat([torch.full((len(image),), IGNORE_INDEX), caption]))
         return self._run(seqs, labels)
 
 

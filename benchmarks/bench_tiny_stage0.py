@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 
 import torch
-from tiny_common import add_run_args, setup
+from tiny_common import GRID_CELLS, add_run_args, cell_phrases, setup, slot_embeddings
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -46,20 +46,8 @@ from llava.tiny.questions import (
 from llava.tiny.scenes import HELDOUT_COMBOS, TRAIN_COMBOS, Scene, sample_scene
 from llava.train.data import build_conversation
 
-GRID_CELLS = 9
 # Questions per family in one stage-0 conversation (multi-turn, shuffled).
 DEFAULT_TURNS = {"attribute": 1, "existence": 2, "counting": 1, "spatial": 2, "reading": 1, "choice": 1, "describe": 1}
-
-
-def cell_phrases(scene: Scene) -> list[str | None]:
-    """What each grid cell (row-major) holds, in words; None for an empty cell."""
-    phrases: list[str | None] = [None] * GRID_CELLS
-    for o in scene.objects:
-        phrases[o.row * 3 + o.col] = f" {o.size} {o.color} {o.shape}"
-    if scene.text is not None:
-        row, col = scene.text_cell
-        phrases[row * 3 + col] = f" {scene.text}"
-    return phrases
 
 
 class WorldStream:
@@ -112,14 +100,6 @@ class WorldStream:
         rng.shuffle(families)
         qs = [make_question(f, scene, rng, self.balancer, self.banned) for f in families]
         return self.encode([(q.text, q.answer) for q in qs], self.template, scene)
-
-
-def slot_embeddings(cells: list[list[int] | None], embed: torch.nn.Embedding) -> torch.Tensor:
-    """[9, H]: the mean input embedding of each cell's words (zeros for an empty cell)."""
-    out = embed.weight.new_zeros(GRID_CELLS, embed.embedding_dim)
-    full = [i for i, c in enumerate(cells) if c is not None]
-    means = torch.stack([embed(torch.tensor(cells[i], device=out.device)).mean(0) for i in full])
-    return out.index_copy(0, torch.tensor(full, device=out.device), means)
 
 
 def splice(batch: list, embed: torch.nn.Embedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Command-line pieces shared by the tiny-world learnability benches."""
+"""Pieces shared by the tiny-world learnability benches: command-line set-up and the scene as word slots."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import torch
 from transformers import AutoTokenizer
 
 from llava.tiny.preset import preset_paths
+from llava.tiny.scenes import Scene
+
+GRID_CELLS = 9
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -25,3 +28,22 @@ def setup(parser: argparse.ArgumentParser, args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     return AutoTokenizer.from_pretrained(args.tokenizer)
+
+
+def cell_phrases(scene: Scene) -> list[str | None]:
+    """What each grid cell (row-major) holds, in words; None for an empty cell."""
+    phrases: list[str | None] = [None] * GRID_CELLS
+    for o in scene.objects:
+        phrases[o.row * 3 + o.col] = f" {o.size} {o.color} {o.shape}"
+    if scene.text is not None:
+        row, col = scene.text_cell
+        phrases[row * 3 + col] = f" {scene.text}"
+    return phrases
+
+
+def slot_embeddings(cells: list[list[int] | None], embed: torch.nn.Embedding) -> torch.Tensor:
+    """[9, H]: the mean input embedding of each cell's words (zeros for an empty cell)."""
+    out = embed.weight.new_zeros(GRID_CELLS, embed.embedding_dim)
+    full = [i for i, c in enumerate(cells) if c is not None]
+    means = torch.stack([embed(torch.tensor(cells[i], device=out.device)).mean(0) for i in full])
+    return out.index_copy(0, torch.tensor(full, device=out.device), means)
