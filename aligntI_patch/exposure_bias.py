@@ -100,8 +100,6 @@ def sample_prefixes(
             images = images.to(model.device, model.dtype)  # (n_img, 3, H, W)
         ids, mask = ids.to(model.device), mask.to(model.device)
         out = model.generate(ids, images=images, attention_mask=mask, **kwargs)  # (B, G), G <= max_len
-        if images is None:  # transformers' text-only generate returns the prompt first
-            out = out[:, ids.shape[1] :]
         for row in out.cpu():  # (G,), padded after the stop token
             ends = torch.isin(row, stops).nonzero()
             prefixes.append(row[: int(ends[0]) + 1] if len(ends) else row)

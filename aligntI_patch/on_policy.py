@@ -35,8 +35,6 @@ def on_policy_batch(student, batch: dict, tokenizer, max_new_tokens: int, vision
                                  attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     student.train(was_training)
-    if generated.shape[1] >= width and torch.equal(generated[:, :width], left):  # text-only: prompt echoed
-        generated = generated[:, width:]
     rows = []
     for (p, t), reply in zip(prompts, generated):
         stop = (reply == eos).nonzero()

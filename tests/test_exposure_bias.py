@@ -109,6 +109,15 @@ def test_sample_prefixes_cut_after_stop_token(tokenizer, mini_world, questions):
     assert any(len(p) < 8 for p in prefixes)
 
 
+def test_sample_prefixes_of_text_only_questions(tokenizer, mini_world):
+    """Generation returns new tokens only, with or without an image: no prefix is lost or holds the prompt."""
+    model = mini_llava(tokenizer, seed=3)
+    proc = load_image_processor(model.get_vision_tower().config)
+    text_only = [{"question_id": i, "text": t} for i, t in enumerate(["Say hi.", "What color is a red circle?"])]
+    prefixes = sample_prefixes(model, tokenizer, proc, text_only, mini_world / "images", "qwen_2", 6, batch_size=2)
+    assert len(prefixes) == 2 and all(1 <= len(p) <= 6 for p in prefixes)
+
+
 def test_reference_prefixes_are_the_training_response(tokenizer, questions):
     prefixes = reference_prefixes(questions, tokenizer, "qwen_2", max_len=100)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -23,9 +23,12 @@ MAX_NEW = 6
 
 @pytest.fixture(scope="module")
 def questions(mini_world, tmp_path_factory):
-    """Seven test questions of mixed prompt lengths (describe, choice, short) plus one text-only question."""
+    """Seven test questions of mixed prompt lengths (describe, choice, short) plus two text-only questions, one
+    longer in tokens than any image question (it has no padding in its batch, yet expands to fewer positions)."""
     rows = read_questions(mini_world / "test_questions.jsonl")[:7]
     rows.insert(3, {"question_id": "text_only", "text": "What color is the sky?"})
+    long_text = "Describe, in detail and in order, every small and large red, blue, green or yellow shape. " * 3
+    rows.insert(1, {"question_id": "long_text_only", "text": long_text.strip()})
     path = tmp_path_factory.mktemp("questions") / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path, rows
@@ -293,3 +296,18 @@ def test_cli_chat_through_stdin(mini_checkpoint, mini_world):
     reply = done.stdout.split("assistant: ", 1)[1].split("user: ", 1)[0]
     assert reply.strip(), done.stdout
     assert done.stdout.rstrip().endswith("exit...")
+
+
+def test_cli_text_only_chat_keeps_its_replies(mini_checkpoint):
+    """Without an image, each reply goes into the conversation history that the next turn's prompt shows."""
+    command = [sys.executable, "-m", "llava.serve.cli", "--model-path", str(mini_checkpoint), "--temperature", "0",
+               "--max-new-tokens", "4", "--device", "cpu", "--debug"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, input="hello there\nand then?\n\n", capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    debug = [eval(line.strip()) for line in done.stdout.splitlines() if line.strip().startswith("{'prompt'")]
+    assert len(debug) == 2, done.stdout
+    first_reply = debug[0]["outputs"]
+    assert first_reply, done.stdout
+    assert first_reply in debug[1]["prompt"].split("and then?")[0]

@@ -87,6 +87,27 @@ def test_left_and_right_padding_give_same_logits(tokenizer):
     assert shift > 0
 
 
+@pytest.mark.parametrize("select_layer", [-2, -1, 0, 1])
+def test_vision_features_are_the_selected_hidden_state_and_stay_so(tokenizer, select_layer):
+    """LLaVA's `mm_vision_select_layer` indexes SigLIP's hidden states; asking the composite model for hidden
+    states or attentions once (transformers 5 then installs its recorders on the tower a second time) must not
+    change which one later calls return."""
+    model = mini_llava(tokenizer).eval()
+    tower = model.get_vision_tower()
+    tower.select_layer = select_layer
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        reference = tower.vision_tower(batch["images"], output_hidden_states=True).hidden_states[select_layer]
+        torch.testing.assert_close(tower(batch["images"]), reference)
+        before = model(**batch).logits
+        model(**batch, output_hidden_states=True, output_attentions=True)
+        torch.testing.assert_close(tower(batch["images"]), reference)
+        torch.testing.assert_close(model(**batch).logits, before)
+    tower.select_layer = 99
+    with pytest.raises(ValueError, match="out of range"):
+        tower(batch["images"])
+
+
 def test_image_count_mismatch_is_an_error(tokenizer):
     model = mini_llava(tokenizer)
     batch = _batch(tokenizer)

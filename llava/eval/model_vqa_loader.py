@@ -211,20 +211,11 @@ def generate_answers(
                 if images is not None:
                     images = images.to(device=device, dtype=dtype)  # (n_img, 3, H, W)
                 output = model.generate(input_ids, images=images, attention_mask=attention_mask, **gen_kwargs)
-                answers += tokenizer.batch_decode(_new_tokens(output, input_ids), skip_special_tokens=True)
+                answers += tokenizer.batch_decode(output, skip_special_tokens=True)  # new tokens only
                 bar.update(len(input_ids))
     finally:
         model.train(was_training)
     return [a.strip() for a in answers]
-
-
-def _new_tokens(output: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Generated tokens only: generation from spliced embeddings returns just those, but a text-only batch
-    goes through transformers' `generate(input_ids)`, which returns the prompt first."""
-    width = input_ids.shape[1]
-    if output.shape[1] >= width and torch.equal(output[:, :width], input_ids):
-        return output[:, width:]
-    return output
 
 
 def read_questions(path: str | os.PathLike) -> list[dict]:

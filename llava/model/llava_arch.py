@@ -5,8 +5,9 @@ Design choices:
   expands each to N_v positions once, places the projected features with `masked_scatter` behind a count
   check, and carries the token-type map (`TokenType`) and a `source_index` back to `input_ids` along, so
   every later stage (losses, masks, hooks) indexes this layout and never rebuilds it.
-- Each row keeps its padding side (a row whose first position is padding is left-padded), so training
-  (right padding) and batched generation (left padding) share one code path; position ids follow the mask.
+- Each row keeps its padding side (a row whose first position is padding is left-padded; a row with no padding
+  takes its batch's side, and `generate` asks for left), so training (right padding) and batched generation
+  (left padding) share one code path; position ids follow the mask.
 """
 
 from __future__ import annotations
@@ -120,8 +121,12 @@ class LlavaMetaForCausalLM:
         image_sizes=None,
         token_types: torch.Tensor | None = None,
         vision_in_step: bool = False,
+        padding_side: str | None = None,
     ) -> MultimodalInputs:
         """Splice visual embeddings into the text embeddings (see the module docstring for the layout).
+
+        `padding_side`: where rows that expand to fewer positions than the longest are padded ("left" for
+        generation); by default each row keeps the side it was padded on.
 
         `vision_in_step`: a batch without images still encodes one blank image and adds 0 x its features, so
         that every rank of a multi-process run calls the same modules (`aligntI_patch.zero3.needs_blank_image`);
@@ -156,7 +161,7 @@ class LlavaMetaForCausalLM:
                 f"Number of images ({features.shape[0]}) does not match the number of image tokens "
                 f"({int(is_image.sum())}) in input_ids"
             )
-        source = expand_source_index(is_image, attention_mask, features.shape[1])  # (B, T')
+        source = expand_source_index(is_image, attention_mask, features.shape[1], padding_side)  # (B, T')
         valid = source >= 0
         gather = source.clamp(min=0)
         ids = torch.where(valid, input_ids.gather(1, gather), 0)
@@ -180,20 +185,36 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def expand_source_index(is_image: torch.Tensor, attention_mask: torch.Tensor, num_patches: int) -> torch.Tensor:
+def expand_source_index(
+    is_image: torch.Tensor, attention_mask: torch.Tensor, num_patches: int, padding_side: str | None = None
+) -> torch.Tensor:
     """[B, T'] index into the original row for every expanded position, -1 on the padding added here.
 
-    Every image token is repeated `num_patches` times; rows are re-padded on their own padding side.
+    Every image token is repeated `num_patches` times; rows are re-padded on `padding_side`, by default on
+    their own padding side. A row with no padding of its own (the longest in tokens, which may expand to
+    fewer positions than a row with more images) takes the side of the batch's padded rows: left if any row is
+    left-padded, so a text-only question batched with image questions for generation still ends at the last
+    position.
     """
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
     batch, length = is_image.shape
     device = is_image.device
     positions = torch.arange(length, device=device)
     rows = [torch.repeat_interleave(positions, torch.where(is_image[b], num_patches, 1)) for b in range(batch)]
     width = max(len(r) for r in rows)
     source = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    starts_padded = attention_mask[:, 0] == 0
+    ends_padded = attention_mask[:, -1] == 0
+    batch_left = bool(starts_padded.any())
     for b, row in enumerate(rows):
-        left_padded = bool(attention_mask[b, 0] == 0)
-        if left_padded:
+        if padding_side is not None:
+            left = padding_side == "left"
+        elif bool(starts_padded[b]) or bool(ends_padded[b]):
+            left = bool(starts_padded[b])
+        else:
+            left = batch_left
+        if left:
             source[b, width - len(row) :] = row
         else:
             source[b, : len(row)] = row

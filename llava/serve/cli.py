@@ -54,8 +54,6 @@ def main(args: argparse.Namespace) -> None:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
             output_ids = model.generate(input_ids, images=image_tensor, streamer=streamer, **gen_kwargs)
-        if image_tensor is None:  # transformers' generate(input_ids) returns the prompt too
-            output_ids = output_ids[:, input_ids.shape[1] :]
         reply = tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()
         conv.messages[-1][-1] = reply
         if args.debug:

@@ -109,7 +109,8 @@ class _LlavaCausalLMMixin(LlavaMetaForCausalLM):
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, images: torch.Tensor | None = None, image_sizes=None,
                  vision_in_step: bool = False, **kwargs):
-        """LLaVA's generate: splice the images in and generate from `inputs_embeds`; returns new tokens only.
+        """LLaVA's generate: splice the images in and generate from `inputs_embeds`; returns new tokens only, with
+        or without images (a text-only prompt is embedded the same way). Rows are left-padded for generation.
 
         `vision_in_step` as in `prepare_inputs_labels_for_multimodal` (a text-only batch on one rank of a
         ZeRO-3 run must still call the vision tower with the others)."""
@@ -117,7 +118,7 @@ class _LlavaCausalLMMixin(LlavaMetaForCausalLM):
             return super().generate(inputs, **kwargs)
         mm = self.prepare_inputs_labels_for_multimodal(
             inputs, kwargs.pop("position_ids", None), kwargs.pop("attention_mask", None), None, None, images,
-            vision_in_step=vision_in_step,
+            vision_in_step=vision_in_step, padding_side="left",
         )
         return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
 

@@ -67,7 +67,31 @@ class SiglipVisionTower(VisionTowerBase):
         if missing:
             raise ValueError(f"Vision tower at {path} lacks weights: {missing[:5]}")
 
+    def _selected_module(self) -> torch.nn.Module:
+        """The module whose output is hidden state `select_layer` (0: the embeddings, i: encoder layer i - 1)."""
+        # transformers 5.24 flattened `vision_model` into SiglipVisionModel; earlier 5.x releases nest it.
+        model = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        n = len(model.encoder.layers)
+        if not -(n + 1) <= self.select_layer <= n:
+            raise ValueError(f"mm_vision_select_layer={self.select_layer} is out of range for a SigLIP tower with "
+                             f"{n} layers (hidden states {-(n + 1)}..{n})")
+        index = self.select_layer % (n + 1)
+        return model.embeddings if index == 0 else model.encoder.layers[index - 1]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [n, 3, H, W] -> features [n, N_v, mm_hidden_size]."""
-        out = self.vision_tower(images.to(self.dtype), output_hidden_states=True)
-        return out.hidden_states[self.select_layer]
+        """images [n, 3, H, W] -> features [n, N_v, mm_hidden_size]: hidden state `select_layer`, as in LLaVA."""
+        # A hook on the selected module rather than `output_hidden_states=True`: transformers 5 installs its
+        # hidden-state recorders lazily, and once the LLM around this tower is asked for hidden states or attentions
+        # it installs them on this tower a second time; every layer is then recorded twice and index -2 silently
+        # becomes the last layer.
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: torch.nn.Module, _args: tuple, output: torch.Tensor | tuple) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._selected_module().register_forward_hook(keep)
+        try:
+            self.vision_tower(images.to(self.dtype))
+        finally:
+            handle.remove()
+        return captured[0]
