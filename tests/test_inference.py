@@ -311,3 +311,14 @@ def test_cli_text_only_chat_keeps_its_replies(mini_checkpoint):
     first_reply = debug[0]["outputs"]
     assert first_reply, done.stdout
     assert first_reply in debug[1]["prompt"].split("and then?")[0]
+
+
+def test_default_conv_mode_follows_the_checkpoint_then_its_llm_family():
+    from types import SimpleNamespace
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert model_vqa_loader.default_conv_mode(model(model_type="llava_qwen3", conv_template="plain")) == "plain"
+    assert model_vqa_loader.default_conv_mode(model(model_type="llava_qwen3", conv_template=None)) == "qwen_3"
+    assert model_vqa_loader.default_conv_mode(model(model_type="llava_qwen2")) == "qwen_2"

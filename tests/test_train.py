@@ -264,3 +264,14 @@ def test_attn_implementation_errors(monkeypatch, tmp_path):
         build_model(model_args, TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
     check_trainable_attention("flex_attention", torch.device("cuda"))
     check_trainable_attention("sdpa", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("flag", ["mm_use_im_start_end", "mm_use_im_patch_token"])
+def test_image_delimiter_flags_are_refused(tokenizer, flag):
+    """LLaVA's delimiter flags would change the prompt layout; refused up front, in training and at load."""
+    with pytest.raises(ValueError, match="not supported"):
+        ModelArguments(model_name_or_path="m", **{flag: True})
+    config = mini_llava(tokenizer).config
+    setattr(config, flag, True)
+    with pytest.raises(ValueError, match="not supported"):
+        type(mini_llava(tokenizer))(config)

@@ -68,7 +68,11 @@ def model_name_from_path(model_path: str) -> str:
 
 
 def default_conv_mode(model) -> str:
-    return getattr(model.config, "conv_template", None) or DEFAULT_CONV_MODE
+    """The checkpoint's own template, else the one of its LLM family (Qwen3's has no default system prompt)."""
+    saved = getattr(model.config, "conv_template", None)
+    if saved:
+        return saved
+    return "qwen_3" if getattr(model.config, "model_type", "").endswith("qwen3") else DEFAULT_CONV_MODE
 
 
 class QuestionDataset(Dataset):

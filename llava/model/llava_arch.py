@@ -45,6 +45,11 @@ class LlavaMetaModel:
 
     def __init__(self, config):
         super().__init__(config)
+        if getattr(config, "mm_use_im_start_end", False) or getattr(config, "mm_use_im_patch_token", False):
+            # LLaVA-1.5 and every Qwen LLaVA checkpoint use neither; a model trained with them would silently get
+            # prompts without its image delimiters here.
+            raise ValueError("mm_use_im_start_end / mm_use_im_patch_token = true is not supported (LLaVA-1.5's "
+                             "layout, one <image> placeholder with no delimiters, is the only one)")
         if getattr(config, "mm_vision_tower", None):
             self.vision_tower = build_vision_tower(config)
             self.mm_projector = build_vision_projector(

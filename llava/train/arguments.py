@@ -26,8 +26,8 @@ class ModelArguments:
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision hidden state to use (-2: penultimate)"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Projector from the pretrain stage"})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlp2x_gelu"})
-    mm_use_im_start_end: bool = False
-    mm_use_im_patch_token: bool = False
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA's flag; only False is supported"})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA's flag; only False is supported"})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (SigLIP has no CLS token)"})
     attn_implementation: str = field(
         default="sdpa",
@@ -37,6 +37,9 @@ class ModelArguments:
     def __post_init__(self):
         if self.model_name_or_path is None:
             raise ValueError("--model_name_or_path is required")
+        if self.mm_use_im_start_end or self.mm_use_im_patch_token:
+            raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token True is not supported: LLaVA-1.5's "
+                             "layout (one <image> placeholder, no delimiter tokens) is the only one")
         if self.version not in ("qwen_2", "qwen_3", "plain"):
             raise ValueError(f"--version must be qwen_2, qwen_3 or plain, got {self.version!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
