@@ -1,6 +1,7 @@
 """Save -> load_pretrained_model -> identical logits, for every checkpoint layout we accept."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,31 +82,153 @@ def test_missing_path_and_vocab_mismatch(tmp_path, tokenizer):
         load_pretrained_model(str(tmp_path / "small"), device="cpu")
 
 
+def _save_lora(model, tokenizer, out, train_projector: bool = True):
+    """Wrap `model` in LoRA, perturb its trainables (adapter, projector), save LLaVA's LoRA layout -> expected logits."""
+    from llava.train.lora import apply_lora, save_lora
+
+    model.requires_grad_(False)
+    model.get_model().mm_projector.requires_grad_(train_projector)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, bias="none").eval()
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:  # what training changes is what the checkpoint must carry
+                p.add_(torch.randn_like(p) * 0.1)
+    save_lora(peft_model, str(out))
+    tokenizer.save_pretrained(out)
+    return _logits(peft_model, tokenizer)
+
+
 def test_lora_checkpoint_with_model_base(tmp_path, tokenizer):
     """LoRA output (adapter + non_lora_trainables.bin) merged onto its base gives the trained model's logits."""
     from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
-    from llava.train.lora import apply_lora, save_lora
 
     model = mini_llava(tokenizer)
     base = save_mini_checkpoint(model, tokenizer, tmp_path / "base")
     siglip = tmp_path / "siglip"
     model.get_vision_tower().vision_tower.save_pretrained(siglip)
     model.config.mm_vision_tower = str(siglip)
-    model.requires_grad_(False)
-    model.get_model().mm_projector.requires_grad_(True)
-    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, bias="none").eval()
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "mm_projector" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    out = tmp_path / "lora"
-    save_lora(peft_model, str(out))
-    tokenizer.save_pretrained(out)
-    load_image_processor(model.get_vision_tower().config).save_pretrained(out)
-    expected = _logits(peft_model, tokenizer)
-    _, loaded, _, _ = load_pretrained_model(str(out), model_base=str(base), device="cpu")
+    expected = _save_lora(model, tokenizer, tmp_path / "lora")
+    load_image_processor(model.get_vision_tower().config).save_pretrained(tmp_path / "lora")
+    _, loaded, _, _ = load_pretrained_model(str(tmp_path / "lora"), model_base=str(base), device="cpu")
     assert not torch.allclose(expected, _logits(mini_llava(tokenizer), tokenizer))
     torch.testing.assert_close(_logits(loaded, tokenizer), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_on_full_llava_base_keeps_its_tower(tmp_path, tokenizer):
+    """A base that holds the tower is used as is: `mm_vision_tower` is neither needed nor read over it."""
+    model = mini_llava(tokenizer)
+    base = save_mini_checkpoint(model, tokenizer, tmp_path / "base")
+    other = tmp_path / "other_siglip"  # a different tower: loading it would silently change the logits
+    mini_llava(tokenizer, seed=1).get_vision_tower().vision_tower.save_pretrained(other)
+    for tower in ("mini-siglip", str(other)):  # not a directory / a directory with other weights
+        model = mini_llava(tokenizer)
+        model.config.mm_vision_tower = tower
+        out = tmp_path / f"lora_{len(tower)}"
+        expected = _save_lora(model, tokenizer, out, train_projector=False)
+        _, loaded, _, _ = load_pretrained_model(out, model_base=base, device="cpu")
+        torch.testing.assert_close(_logits(loaded, tokenizer), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_missing_weights_are_errors(tmp_path, tokenizer):
+    """A parameter that no file fills is an error naming the checkpoint and the weights, never a random layer."""
+    model = mini_llava(tokenizer)  # untied: lm_head.weight is its own weight
+    full = save_mini_checkpoint(model, tokenizer, tmp_path / "no_lm_head")
+    state = load_file(full / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, full / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no_lm_head lacks 1 weights.*lm_head\.weight"):
+        load_pretrained_model(full, device="cpu")
+
+    # a LoRA checkpoint without non_lora_trainables.bin on a plain LLM base: the projector is nowhere
+    siglip = tmp_path / "siglip"
+    model.get_vision_tower().vision_tower.save_pretrained(siglip)
+    model.config.mm_vision_tower = str(siglip)
+    base, _ = save_projector_only(model, tokenizer, tmp_path)
+    _save_lora(model, tokenizer, tmp_path / "lora")
+    (tmp_path / "lora" / "non_lora_trainables.bin").unlink()
+    with pytest.raises(ValueError, match=r"lacks 4 weights.*mm_projector\.0\.bias.*non_lora_trainables"):
+        load_pretrained_model(tmp_path / "lora", model_base=base, device="cpu")
+
+    # a projector-only checkpoint on the wrong base (1 layer where its config says 2)
+    one_layer_base, _ = save_projector_only(mini_llava(tokenizer, num_layers=1), tokenizer, tmp_path / "one")
+    two_layers = mini_llava(tokenizer)
+    two_layers.config.mm_vision_tower = str(siglip)
+    _, proj = save_projector_only(two_layers, tokenizer, tmp_path / "two")
+    with pytest.raises(ValueError, match=r"one/base \(the base of .*lacks \d+ weights.*model\.layers\.1\."):
+        load_pretrained_model(proj, model_base=one_layer_base, device="cpu")
+
+
+@pytest.mark.parametrize("embedded_config", [True, False])
+def test_relative_tower_path_next_to_checkpoint(tmp_path, tokenizer, monkeypatch, embedded_config):
+    """A relative `mm_vision_tower` not found from the current directory is looked up from the checkpoint
+    directory, then from `model_base`, before the usual error."""
+    model = mini_llava(tokenizer)
+    model.config.mm_vision_tower = "siglip"
+    if not embedded_config:  # then the tower's config, too, is read from that directory
+        model.config.mm_vision_config = None
+    base, proj = save_projector_only(model, tokenizer, tmp_path)
+    model.get_vision_tower().vision_tower.save_pretrained(proj / "siglip")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _, loaded, _, _ = load_pretrained_model(proj, model_base=base, device="cpu")
+    torch.testing.assert_close(_logits(model, tokenizer), _logits(loaded, tokenizer), rtol=0, atol=0)
+
+    (proj / "siglip").rename(base / "siglip")
+    _, loaded, _, _ = load_pretrained_model(proj, model_base=base, device="cpu")
+    torch.testing.assert_close(_logits(model, tokenizer), _logits(loaded, tokenizer), rtol=0, atol=0)
+
+    (base / "siglip").rename(tmp_path / "siglip_moved")
+    with pytest.raises(FileNotFoundError, match="'siglip' is not a local directory"):
+        load_pretrained_model(proj, model_base=base, device="cpu")
+
+
+def test_path_like_arguments(mini_checkpoint):
+    """`os.PathLike` paths work wherever a str does (the image processor is read from the checkpoint)."""
+    _, _, processor, context_len = load_pretrained_model(Path(mini_checkpoint), device="cpu")
+    assert processor.size["height"] == 32 and context_len == 256
+
+
+def _load_kwargs(monkeypatch, path, **kwargs) -> dict:
+    """The keywords `load_pretrained_model` gives `from_pretrained`, as on a CUDA host (this one may have none)."""
+    from llava.model import builder
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_from_pretrained(path, *args, **load_kwargs):
+        seen.update(load_kwargs)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(builder, "_from_pretrained", fake_from_pretrained)
+    with pytest.raises(Stop):
+        load_pretrained_model(path, **kwargs)
+    return seen
+
+
+def test_any_cuda_device_defaults_to_bf16(monkeypatch, mini_checkpoint):
+    for device in ("cuda", "cuda:0", torch.device("cuda", 1)):
+        assert _load_kwargs(monkeypatch, mini_checkpoint, device=device)["dtype"] == torch.bfloat16
+    assert _load_kwargs(monkeypatch, mini_checkpoint, device="cuda")["device_map"] == "auto"
+    assert _load_kwargs(monkeypatch, mini_checkpoint, device="cuda:1")["device_map"] == {"": torch.device("cuda", 1)}
+    assert _load_kwargs(monkeypatch, mini_checkpoint, device="cpu")["dtype"] == torch.float32
+
+
+def test_use_flash_attn_keyword(monkeypatch, mini_checkpoint):
+    """LLaVA's `use_flash_attn=True` is flash_attention_2, refused up front where it cannot run."""
+    _, model, _, _ = load_pretrained_model(mini_checkpoint, None, "llava-qwen", device="cpu", use_flash_attn=False)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="flash-attn package .* CUDA device, got device 'cpu'"):
+        load_pretrained_model(mini_checkpoint, device="cpu", use_flash_attn=True)
+    with pytest.raises(ValueError, match="contradicts attn_implementation='sdpa'"):
+        load_pretrained_model(mini_checkpoint, device="cpu", use_flash_attn=True, attn_implementation="sdpa")
+    from llava.model import builder
+
+    monkeypatch.setattr(builder, "is_flash_attn_2_available", lambda: True)
+    kwargs = _load_kwargs(monkeypatch, mini_checkpoint, device="cuda", use_flash_attn=True)
+    assert kwargs["attn_implementation"] == "flash_attention_2" and "use_flash_attn" not in kwargs
 
 
 @torch.no_grad()
