@@ -14,7 +14,9 @@ the LLM's input and output embeddings (as Qwen2-0.5B/1.5B do). `--pretrain-steps
 LLaVA's recipe for a pretrained LLM: N steps of the LLM alone on aligned scenes (caption and question batches
 alternate), then M projector-only caption steps on the visual codes with the LLM frozen (validation during
 those M steps measures the alignment: the frozen LLM answers from the projector's tokens), then questions on
-visual codes with everything trained. The loss and the accuracy are those of the answer's first token, after
+visual codes with everything trained. Two curricula: `--curriculum "existence:500;existence,spatial:500"`
+trains on those families for those steps before all of `--families`; `--max-objects "1:300,2:200"` draws
+training scenes of at most 1 object for 300 steps, then at most 2 for 200, then 1-4 (validation: always 1-4). The loss and the accuracy are those of the answer's first token, after
 the preset's chat template. Validation accuracy per family (and the majority-answer rate, i.e. chance) is
 printed every `--eval-every` steps.
 
@@ -61,6 +63,7 @@ class QuestionStream:
 
     def __init__(self, tokenizer, families: list[str], seed: int):
         self.tok, self.families, self.rng, self.balancer = tokenizer, families, random.Random(seed), Balancer()
+        self.max_objects = 4  # the world's scenes hold 1-4 objects; a curriculum may lower this for a while
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": "<image>\n{q}"}], add_generation_prompt=True, tokenize=False
         )
@@ -72,7 +75,9 @@ class QuestionStream:
 
     def __next__(self) -> dict:
         while True:
-            scene = sample_scene(self.rng, TRAIN_COMBOS, text_prob=0.0)
+            fewest = 2 if set(self.families) == {"spatial"} else 1  # spatial questions need two objects
+            scene = sample_scene(self.rng, TRAIN_COMBOS, text_prob=0.0, min_objects=fewest,
+                                 max_objects=max(fewest, self.max_objects))
             families = [f for f in self.families if askable(f, scene)]
             if families:
                 break
@@ -147,6 +152,22 @@ def evaluate(model: Bench, val: list[dict], batch_size: int = 100) -> dict[str, 
     return {f: 100 * sum(v) / len(v) for f, v in sorted(hits.items())}
 
 
+def parse_schedule(text: str, item: str, parse_value) -> list[tuple[object, int]]:
+    """"a:300;b:200" -> [(value a, end step 300), (value b, end step 500)] (separator ';' or ',' per schedule)."""
+    phases, end = [], 0
+    for part in text.split(item):
+        value, _, steps = part.rpartition(":")
+        if not value or not steps.isdigit():
+            raise argparse.ArgumentTypeError(f"bad schedule item {part!r}: expected VALUE:STEPS")
+        end += int(steps)
+        phases.append((parse_value(value), end))
+    return phases
+
+
+def phase_value(phases: list[tuple[object, int]], step: int, default: object) -> object:
+    return next((value for value, end in phases if step < end), default)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default="existence", help=f"comma-separated, from {','.join(FAMILIES)}")
@@ -157,6 +178,10 @@ def main() -> None:
                         help="stage 0: steps on aligned scenes (captions and questions alternate), LLM only")
     parser.add_argument("--align-steps", type=int, default=0,
                         help="then projector-only caption steps on visual codes, LLM frozen (LLaVA stage 1)")
+    parser.add_argument("--curriculum", type=lambda t: parse_schedule(t, ";", lambda v: v.split(",")), default=[],
+                        help='families before all of --families, e.g. "existence:500;existence,spatial:500"')
+    parser.add_argument("--max-objects", type=lambda t: parse_schedule(t, ",", int), default=[],
+                        help='objects per training scene at most, e.g. "1:300,2:200" (then 1-4)')
     parser.add_argument("--tie", action="store_true", help="tie the LLM's input and output embeddings")
     parser.add_argument("--backbone", choices=("qwen2", "qwen3"), default="qwen2")
     parser.add_argument("--steps", type=int, default=1000)
@@ -171,6 +196,11 @@ def main() -> None:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    for phase, _ in args.curriculum:
+        if not set(phase) <= set(families):
+            parser.error(f"--curriculum families {phase} are not all in --families {families}")
+    if any(not 1 <= n <= 4 for n, _ in args.max_objects):
+        parser.error("--max-objects values must be 1-4 (the world's scenes hold 1-4 objects)")
     tok = setup(parser, args)
     val_stream = QuestionStream(tok, families, seed=args.seed + 10_000)
     val = [next(val_stream) for _ in range(args.val_size)]
@@ -199,6 +229,8 @@ def main() -> None:
                        + f"  ({time.time() - start:.0f} s)")
         if step == args.steps:
             break
+        train.families = phase_value(args.curriculum, step, families)
+        train.max_objects = phase_value(args.max_objects, step, 4)
         batch = [next(train) for _ in range(args.batch_size)]
         if step < args.caption_steps or args.pretrain_steps <= step < staged:
             loss = model.caption_loss(batch)

@@ -32,9 +32,23 @@ def test_learnability_bench_runs(mini_root, tokenizer, scene):
     assert out.stdout.startswith("chance (majority answer):")
 
 
+def test_learnability_bench_curricula(mini_root, tokenizer):
+    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--families", "existence,spatial",
+               "--curriculum", "spatial:1;existence:1", "--max-objects", "1:2", "--steps", "3", "--eval-every", "3",
+               "--val-size", "8", "--batch-size", "4", "--threads", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "spatial" in out.stdout.splitlines()[-1]
+
+
 def test_learnability_bench_names_bad_arguments(mini_root, tokenizer, tmp_path):
     out = _run("--tokenizer", str(mini_root / "tokenizer"), "--families", "existence,colour")
     assert out.returncode == 2 and "unknown families ['colour']" in out.stderr
+    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--curriculum", "spatial:10")
+    assert out.returncode == 2 and "not all in --families" in out.stderr
+    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--max-objects", "5:10")
+    assert out.returncode == 2 and "must be 1-4" in out.stderr
+    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--max-objects", "1-300")
+    assert out.returncode == 2 and "expected VALUE:STEPS" in out.stderr
     out = _run("--tokenizer", str(tmp_path / "missing"))
     assert out.returncode == 2 and "no tokenizer at" in out.stderr and "llava.tiny.preset prepare" in out.stderr
 
