@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-from aligntI_patch.divergences import DIVERGENCES
+from aligntI_patch.divergences import DIVERGENCES, check_divergence_args
 from aligntI_patch.iva import IVA_SOURCES
 from llava.train.arguments import ATTN_IMPLEMENTATIONS, TrainingArguments
+
+# token_divergence's keywords as flags, for its error messages
+_DIVERGENCE_FLAGS = "temperature is --kd_temperature, beta --jsd_beta, alpha --skew_alpha"
 
 
 @dataclass
@@ -22,13 +26,25 @@ class DistillArguments(TrainingArguments):
     w_iva: float = field(default=1.0, metadata={"help": "Weight of L_iva, Eq. 3 (0 disables it)"})
     w_tpa: float = field(default=1.0, metadata={"help": "Weight of L_tpa, Eq. 7 (0 disables it)"})
     divergence: str = field(default="fkl", metadata={"help": f"One of {DIVERGENCES}; fkl = KL(T||S), the paper's"})
-    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JSD"})
-    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KL (sfkl / srkl)"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JSD, in (0, 1)"})
+    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KL (sfkl / srkl), in [0, 1)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of every divergence"})
-    iva_layer: str = field(default="auto", metadata={"help": "'auto' (highest IRS, Eq. 4) or a layer index"})
-    iva_weight_source: str = field(default="teacher", metadata={"help": "teacher | student | uniform (Tables 8, 9)"})
+    iva_layer: str = field(
+        default="auto",
+        metadata={"help": "'auto' (highest IRS, Eq. 4) or a layer index, of the --iva_weight_source model"},
+    )
+    iva_weight_source: str = field(
+        default="teacher",
+        metadata={"help": "teacher | student | uniform (Tables 8, 9): whose attention gives alpha (and IRS)"},
+    )
     iva_normalize: bool = field(default=False, metadata={"help": "Rescale alpha to mean 1 per sample"})
-    irs_path: str | None = field(default=None, metadata={"help": "irs.json from `python -m aligntI_patch.irs`"})
+    irs_path: str | None = field(
+        default=None,
+        metadata={"help": "An existing irs.json from `python -m aligntI_patch.irs` on the --iva_weight_source "
+                          "model, read by --iva_layer auto. Default: irs.json in that model's directory when "
+                          "present, else IRS is computed on --irs_num_pairs pairs at start and written to "
+                          "OUTPUT_DIR/irs.json"},
+    )
     irs_num_pairs: int = field(default=32, metadata={"help": "Pairs used when --iva_layer auto computes IRS"})
     tpa_num_samples: int = field(default=4, metadata={"help": "d, candidates per response position"})
     tpa_sampling: str = field(default="nucleus", metadata={"help": "nucleus | greedy (top-d), Fig. 6"})
@@ -51,10 +67,19 @@ class DistillArguments(TrainingArguments):
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"--divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        try:  # the loss's own checks, here rather than at the first step
+            check_divergence_args(self.divergence, **self.divergence_kwargs)
+        except ValueError as err:
+            raise ValueError(f"--divergence {self.divergence}: {err} ({_DIVERGENCE_FLAGS})") from err
         if self.iva_weight_source not in IVA_SOURCES:
             raise ValueError(f"--iva_weight_source must be one of {IVA_SOURCES}, got {self.iva_weight_source!r}")
         if self.iva_layer != "auto" and not self.iva_layer.lstrip("-").isdigit():
             raise ValueError(f"--iva_layer must be 'auto' or an integer, got {self.iva_layer!r}")
+        if self.irs_path is not None and not os.path.isfile(self.irs_path):
+            raise FileNotFoundError(
+                f"--irs_path {self.irs_path!r} is not a file: give an irs.json written by "
+                "`python -m aligntI_patch.irs`, or leave --irs_path out to compute IRS at start"
+            )
         if self.tpa_num_samples < 1:
             raise ValueError(f"--tpa_num_samples (d) must be >= 1, got {self.tpa_num_samples}")
         if self.tpa_sampling not in ("nucleus", "greedy"):

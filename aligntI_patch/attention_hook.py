@@ -34,7 +34,10 @@ __all__ = ["AttentionCapture", "capture_attention", "decoder_layers", "rotary_ro
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a transformers CausalLM (`model.model.layers`) or base model (`model.layers`)."""
+    """The decoder layers of a transformers CausalLM (`model.model.layers`) or base model (`model.layers`), also
+    inside a peft `PeftModel` (a LoRA student)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     if hasattr(model, "layers"):
         return model.layers
     inner = getattr(model, "model", None)

@@ -18,7 +18,10 @@ import torch
 import transformers
 
 from aligntI_patch.arguments import DistillArguments
+from aligntI_patch.attention_hook import decoder_layers
 from aligntI_patch.irs import irs_per_layer, load_paired_batches, select_iva_layer, write_irs
+from aligntI_patch.iva import source_model
+from aligntI_patch.tpa import check_sliding_window
 from aligntI_patch.trainer import AlignTITrainer
 from aligntI_patch.zero3 import check_full_save, prepare_teacher, whole_weights, zero3_enabled
 from llava.model.builder import load_pretrained_model
@@ -50,7 +53,8 @@ def load_teacher(args: DistillArguments, device: torch.device):
 
 
 def check_pair(student, teacher, student_tok, teacher_tok, args: DistillArguments, student_path: str) -> int:
-    """Errors before training: different tokenizers, N_v mismatch. Returns the shared vocab size.
+    """Errors before training: different tokenizers, N_v mismatch, a sliding window TPA cannot honour.
+    Returns the shared vocab size.
 
     Reads full weight shapes: call it before DeepSpeed partitions the models."""
     if student_tok.get_vocab() != teacher_tok.get_vocab():
@@ -63,26 +67,48 @@ def check_pair(student, teacher, student_tok, teacher_tok, args: DistillArgument
             f"Teacher has {teacher.num_image_tokens} visual tokens per image, the student {student.num_image_tokens}: "
             "IVA and the shared layout need the same N_v (use the teacher's vision tower for the student)"
         )
+    if args.w_tpa > 0:  # sequences reach --model_max_length tokens (counted after image expansion)
+        for role, model, path in (("student", student, student_path), ("teacher", teacher, args.teacher_model_path)):
+            check_sliding_window(model.config, args.model_max_length, f"the {role} ({path})")
     rows = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
     if len(student_tok) > rows:
         raise ValueError(f"Tokenizer has {len(student_tok)} tokens but an lm_head has only {rows} rows")
     return len(student_tok)
 
 
-def choose_iva_layer(args: DistillArguments, data_args: DataArguments, teacher, tokenizer, image_processor,
-                     template: str) -> int:
-    """`--iva_layer` as given, or the teacher layer with the highest IRS (Eq. 4) from irs.json or a subset."""
+def choose_iva_layer(args: DistillArguments, data_args: DataArguments, model_args: ModelArguments, student, teacher,
+                     tokenizer, image_processor) -> int:
+    """`--iva_layer` as given, or the layer with the highest IRS (Eq. 4) from irs.json or a subset of the data.
+
+    Both are layers of the model whose attention gives alpha (Eq. 3), `--iva_weight_source`: the teacher's
+    (the paper's) or the student's (Tab. 8). IRS ranks that model's own layers, so it is computed on it and
+    the layer is checked against its depth here, before any training step hooks it.
+    """
     if args.w_iva == 0 or args.iva_weight_source == "uniform":
         return 0
-    irs_path = args.irs_path or os.path.join(args.teacher_model_path, "irs.json")
-    if args.iva_layer != "auto" or os.path.isfile(irs_path):
-        return select_iva_layer(args.iva_layer, teacher, irs_path=irs_path)
-    a, b, n = load_paired_batches(tokenizer, image_processor, teacher, data_args.data_path, data_args.image_folder,
-                                  template, args.irs_num_pairs, batch_size=8, seed=args.seed,
+    source = args.iva_weight_source
+    model = source_model(source, teacher, student)
+    model_dir = args.teacher_model_path if source == "teacher" else model_args.model_name_or_path
+    name = f"the {source} ({model_dir})"
+    num_layers = len(decoder_layers(model))
+    if args.iva_layer != "auto":
+        layer = int(args.iva_layer)
+        if not 0 <= layer < num_layers:
+            raise ValueError(
+                f"--iva_layer {layer} is out of range for --iva_weight_source {source}: {name} has {num_layers} "
+                f"decoder layers (0..{num_layers - 1})"
+            )
+        return layer
+    irs_path = args.irs_path or os.path.join(model_dir, "irs.json")  # --irs_path exists (DistillArguments)
+    if os.path.isfile(irs_path):
+        return select_iva_layer("auto", model, irs_path=irs_path, name=name)
+    a, b, n = load_paired_batches(tokenizer, image_processor, model, data_args.data_path, data_args.image_folder,
+                                  model_args.version, args.irs_num_pairs, batch_size=8, seed=args.seed,
                                   context_len=args.model_max_length)
-    scores = irs_per_layer(teacher, a, b)
-    best = write_irs(args.output_dir, list(range(len(scores))), scores, n)
-    logger.info("IVA layer %d (highest IRS over %d pairs; written to %s/irs.json)", best, n, args.output_dir)
+    scores = irs_per_layer(model, a, b)
+    best = write_irs(args.output_dir, list(range(num_layers)), scores, n)
+    logger.info("IVA layer %d of %s (highest IRS over %d pairs; written to %s/irs.json)", best, name, n,
+                args.output_dir)
     return best
 
 
@@ -107,7 +133,7 @@ def main() -> None:
     # DeepSpeed: the teacher in an inference engine (ZeRO-3: partitioned), which must live as long as training
     # (its __del__ removes the hooks that gather the weights); without DeepSpeed unchanged
     teacher, teacher_engine = prepare_teacher(teacher, args)
-    iva_layer = choose_iva_layer(args, data_args, teacher, tokenizer, image_processor, model_args.version)
+    iva_layer = choose_iva_layer(args, data_args, model_args, student, teacher, tokenizer, image_processor)
     data_module = make_supervised_data_module(
         tokenizer, data_args, args, image_processor, student.num_image_tokens, model_args.version
     )

@@ -29,7 +29,12 @@ DIVERGENCES = ("fkl", "rkl", "jsd", "sfkl", "srkl")
 
 
 def check_divergence_args(kind: str, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1) -> None:
-    """Raise ``ValueError`` naming the offending argument if ``token_divergence`` would reject it."""
+    """Raise ``ValueError`` naming the offending argument if ``token_divergence`` would reject it.
+
+    ``beta`` and ``alpha`` must lie in [0, 1] whatever the kind; the kind that uses one also rejects the end
+    point where the mixture is the distribution compared with it: the divergence is then 0 for every input
+    and gives the student no gradient (a loss that cannot train; the chunked losses cannot even run it).
+    """
     if kind not in DIVERGENCES:
         raise ValueError(f"unknown divergence kind {kind!r}; known kinds: {', '.join(DIVERGENCES)}")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -38,6 +43,18 @@ def check_divergence_args(kind: str, temperature: float = 1.0, beta: float = 0.5
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if kind == "jsd" and beta in (0.0, 1.0):
+        side = "T" if beta else "S"
+        raise ValueError(
+            f"beta must be in (0, 1) for jsd, got {beta}: M = beta*T + (1-beta)*S is then {side} "
+            "and the divergence is identically 0"
+        )
+    if kind in ("sfkl", "srkl") and alpha == 1.0:
+        first = "T" if kind == "sfkl" else "S"
+        raise ValueError(
+            f"alpha must be in [0, 1) for {kind}, got 1: the skew mixture is then {first} itself and the "
+            "divergence is identically 0"
+        )
 
 
 def align_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
@@ -73,10 +90,8 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
 
 
 def _log_mixture(logp: Tensor, logq: Tensor, w: float) -> Tensor:
-    """log(w * P + (1 - w) * Q), computed with logaddexp; exact P or Q at the end points."""
-    if w == 1.0:
-        return logp
-    if w == 0.0:
+    """log(w * P + (1 - w) * Q) for w in [0, 1), computed with logaddexp; exactly Q at w = 0."""
+    if w == 0.0:  # skew KL at alpha = 0 is plain KL, exactly
         return logq
     return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
 
@@ -97,11 +112,14 @@ def token_divergence(
 
     - ``"fkl"``: KL(T || S), the paper's D_KL(P_T || P_S) (Eq. 2, 3, 7);
     - ``"rkl"``: KL(S || T);
-    - ``"jsd"``: beta * KL(T || M) + (1 - beta) * KL(S || M), M = beta * T + (1 - beta) * S
+    - ``"jsd"``: beta * KL(T || M) + (1 - beta) * KL(S || M), M = beta * T + (1 - beta) * S, beta in (0, 1)
       (symmetric at beta = 0.5; divided by beta it tends to KL(T || S) as beta -> 0, divided by
       1 - beta it tends to KL(S || T) as beta -> 1);
-    - ``"sfkl"``: KL(T || alpha * T + (1 - alpha) * S), DistiLLM's skew forward KL;
-    - ``"srkl"``: KL(S || alpha * S + (1 - alpha) * T), DistiLLM's skew reverse KL.
+    - ``"sfkl"``: KL(T || alpha * T + (1 - alpha) * S), DistiLLM's skew forward KL, alpha in [0, 1);
+    - ``"srkl"``: KL(S || alpha * S + (1 - alpha) * T), DistiLLM's skew reverse KL, alpha in [0, 1).
+
+    The excluded end points (jsd beta = 0 or 1, skew alpha = 1) make the divergence identically 0
+    (``check_divergence_args``); alpha = 0 gives plain KL(T || S) / KL(S || T) exactly.
 
     Computed in float32 (float64 inputs stay float64). Gradients flow to both arguments; detach the
     teacher's logits if it is frozen. Rows need at least one finite logit.

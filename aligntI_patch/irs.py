@@ -196,26 +196,37 @@ def select_iva_layer(
     model: nn.Module,
     irs_path: str | Path | None = None,
     paired_batches: tuple[Sequence[Batch], Sequence[Batch]] | None = None,
+    name: str = "the model",
 ) -> int:
     """The IVA layer: an int (or digit string) fixes it (Tab. 7); "auto" takes IRS's argmax (section 3.1).
 
     "auto" reads `best_layer` from `irs_path` (an irs.json written by this module's CLI) when that file
-    exists, else computes IRS on `paired_batches` (a small subset: (batches_a, batches_b)).
+    exists, else computes IRS on `paired_batches` (a small subset: (batches_a, batches_b)). IRS ranks the
+    layers of the model whose attention it reads, so `model` is that model (the IVA source) and an irs.json
+    that scores layers it does not have is an error; `name` says which model in the messages.
     """
     num_layers = len(decoder_layers(model))
     if isinstance(spec, str) and spec.strip().lstrip("-").isdigit():
         spec = int(spec)
     if isinstance(spec, int):
         if not 0 <= spec < num_layers:
-            raise ValueError(f"IVA layer {spec} out of range: the model has layers 0..{num_layers - 1}")
+            raise ValueError(f"IVA layer {spec} out of range: {name} has layers 0..{num_layers - 1}")
         return spec
     if spec != "auto":
         raise ValueError(f"IVA layer must be 'auto' or a layer index, got {spec!r}")
     if irs_path is not None and Path(irs_path).is_file():
-        best = int(json.loads(Path(irs_path).read_text())["best_layer"])
+        saved = json.loads(Path(irs_path).read_text())
+        best = int(saved["best_layer"])
         if not 0 <= best < num_layers:
             raise ValueError(
-                f"{irs_path}: best_layer {best} out of range for a model with {num_layers} layers"
+                f"{irs_path}: best_layer {best} out of range for {name}, which has {num_layers} layers"
+            )
+        # A shallower model's best layer can fall in range by chance: the scored layers tell the depth.
+        deepest = max(saved.get("layers", [best]))
+        if deepest >= num_layers:
+            raise ValueError(
+                f"{irs_path} scores layers up to {deepest} but {name} has {num_layers}: it was computed on "
+                "another model (IRS must come from the model that supplies the attention)"
             )
         logger.info("IVA layer %d read from %s", best, irs_path)
         return best

@@ -18,6 +18,9 @@ that ``eager`` adds to its scores. A user 4D mask bypasses transformers' own cau
 these masks contain both. Padding queries also attend to themselves and padding candidate rows
 (``cand_pos == -1``) attend to themselves only, so that no row is all False: that gives NaN in some sdpa
 kernels, and a NaN in a padding row's values would reach valid rows as 0 * NaN. Their outputs are never used.
+
+Attention is full causal: no sliding window. ``tpa.check_sliding_window`` refuses a model whose window could
+cut the sequence (a 4D mask bypasses transformers' own window); shorter sequences need none.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ Design choices
   as torch has no FlexAttention backward on CPU). transformers passes any 4D mask through untouched.
   ``flash_attention_2`` takes no 4D mask and treats the candidates' repeated position ids as packed
   sequences: it runs ``ground_truth_pass`` only.
+- Sliding-window attention (Qwen2/Qwen3 ``use_sliding_window``; released configs leave it off) is refused
+  wherever it could cut something (``check_sliding_window``): the ribbon masks are full causal, a 4D mask
+  bypasses transformers' window, and a sliding layer's cache keeps only the last ``sliding_window - 1``
+  keys, which the candidate rows of ``candidate_pass`` need all of. Sequences shorter than the window are
+  exact as they are.
 
 Loss bookkeeping for the caller (Eq. 7): with ``rows = tpa_forward(...).rows``,
 ``L_tpa = sum_rows rows.weight * D(teacher_cand, student_cand) + sum_k rows.gt_weight[b, k] * D(teacher_gt[b, k], student_gt[b, k])``.
@@ -38,6 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
+from transformers import PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from aligntI_patch.candidates import (
@@ -59,6 +65,27 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- the parallel pass
 
 
+def check_sliding_window(config: PretrainedConfig, seq_len: int, name: str = "the model") -> None:
+    """Raise ``ValueError`` if a sliding-window layer of ``config`` could cut a sequence of ``seq_len`` tokens.
+
+    transformers' window keeps key j for query i when i - j < sliding_window, and a sliding layer's
+    ``DynamicCache`` keeps the last sliding_window - 1 keys: with seq_len < sliding_window neither drops a
+    key of the ground truth or of a candidate (at most seq_len - 1 back), so the full-causal ribbon is exact.
+    Which layers slide is ``config.layer_types`` (Qwen2/Qwen3: layers >= max_window_layers when
+    ``use_sliding_window``; ``sliding_window`` is None otherwise).
+    """
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or []
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    if window is not None and sliding and seq_len >= window:
+        raise ValueError(
+            f"{name} uses sliding-window attention (sliding_window={window} on layers {sliding}), which would "
+            f"cut sequences of {seq_len} tokens; TPA's ribbon masks and KV cache assume full causal attention. "
+            f"Use sequences shorter than {window} tokens or a config with use_sliding_window=false (as released)"
+        )
+
+
 def _ribbon_attention_mask(
     lm: nn.Module, attention_mask: torch.Tensor, cand_pos: torch.Tensor, dtype: torch.dtype, cached: bool
 ) -> torch.Tensor | BlockMask:
@@ -70,6 +97,7 @@ def _ribbon_attention_mask(
     wrongly). ``flash_attention_2`` takes no 4D mask and reads the candidates' repeated position
     ids as packed sequences: it can run ``ground_truth_pass`` only.
     """
+    check_sliding_window(lm.config, attention_mask.shape[1], type(lm).__name__)
     impl = lm.config._attn_implementation
     if impl == "flex_attention":
         return (candidate_rows_block_mask if cached else ribbon_block_mask)(attention_mask, cand_pos, 1)

@@ -124,6 +124,22 @@ def test_base_model_and_grad_enabled_forward() -> None:
     assert out.last_hidden_state.requires_grad and not cap.attn.requires_grad
 
 
+def test_lora_wrapped_model_is_hooked_like_the_plain_one() -> None:
+    """A LoRA student (`--lora_enable`) with `--iva_weight_source student`: the hook finds its layers."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("qwen2")
+    ids, mask, positions = padded_inputs("right")
+    queries = query_mask_for(mask)
+    with torch.no_grad(), capture_attention(model, 1, queries) as plain:
+        model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert decoder_layers(lora) is decoder_layers(model)
+    with torch.no_grad(), capture_attention(lora, 1, queries) as wrapped:
+        lora(input_ids=ids, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(wrapped.attn, plain.attn)  # LoRA's B starts at zero: same attention
+
+
 def test_hook_removed_after_context_and_after_exception() -> None:
     model = tiny_model("qwen2")
     attn = decoder_layers(model)[1].self_attn

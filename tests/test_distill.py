@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aligntI_patch.arguments import DistillArguments
-from aligntI_patch.distill import check_pair, load_teacher
+from aligntI_patch.distill import check_pair, choose_iva_layer, load_teacher
 from aligntI_patch.trainer import AlignTITrainer
 from llava.tiny.fixtures import free_port, mini_llava, save_mini_checkpoint
 from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset
@@ -107,6 +107,14 @@ def test_errors_before_training(tmp_path, pair, tokenizer, mini_root):
         _args(tmp_path, None)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_teacher(_args(tmp_path, tmp_path / "nowhere"), torch.device("cpu"))
+    # an --irs_path that is not there is a typo, not a request to recompute IRS
+    with pytest.raises(FileNotFoundError, match="--irs_path .*missing/irs.json"):
+        _args(tmp_path, teacher_path, irs_path=str(tmp_path / "missing" / "irs.json"))
+    # end points where the divergence is identically 0 (the skew one failed only at the first step)
+    with pytest.raises(ValueError, match="--divergence sfkl: alpha must be in \\[0, 1\\).*--skew_alpha"):
+        _args(tmp_path, teacher_path, divergence="sfkl", skew_alpha=1.0)
+    with pytest.raises(ValueError, match="--divergence jsd: beta must be in \\(0, 1\\).*--jsd_beta"):
+        _args(tmp_path, teacher_path, divergence="jsd", jsd_beta=0.0)
     student = mini_llava(tokenizer, num_layers=1)
     args = _args(tmp_path, teacher_path)
     other_tok = type(tokenizer).from_pretrained(str(teacher_path))
@@ -120,6 +128,40 @@ def test_errors_before_training(tmp_path, pair, tokenizer, mini_root):
     wide = mini_llava(tokenizer, mm_vision_config=SiglipVisionConfig(**{**MINI_VISION, "patch_size": 4}).to_dict())
     with pytest.raises(ValueError, match="visual tokens per image"):
         check_pair(student, wide, tokenizer, tokenizer, args, str(student_path))
+    # TPA's ribbon is full causal: a sliding window shorter than --model_max_length (256) is refused up front
+    sliding = mini_llava(tokenizer, num_layers=1, use_sliding_window=True, sliding_window=128, max_window_layers=0)
+    with pytest.raises(ValueError, match="the teacher .*sliding_window=128 on layers \\[0\\].*256 tokens"):
+        check_pair(student, sliding, tokenizer, tokenizer, args, str(student_path))
+    check_pair(student, sliding, tokenizer, tokenizer, _args(tmp_path, teacher_path, w_tpa=0.0), str(student_path))
+
+
+def test_iva_layer_is_chosen_and_checked_on_the_source_model(tmp_path, pair, tokenizer, mini_world):
+    """--iva_weight_source student: IRS (Eq. 4) ranks the student's layers and --iva_layer is checked against the
+    student's depth before training (a teacher layer used to reach the 1-layer student's hook at the first step)."""
+    from llava.model.builder import load_pretrained_model
+    from llava.train.arguments import DataArguments, ModelArguments
+
+    student_path, teacher_path = pair
+    _, student, processor, _ = load_pretrained_model(str(student_path), device="cpu")
+    _, teacher = load_teacher(_args(tmp_path, teacher_path), torch.device("cpu"))
+    data_args = DataArguments(data_path=str(mini_world / "finetune.json"), image_folder=str(mini_world / "images"))
+    model_args = ModelArguments(model_name_or_path=str(student_path), version="qwen_2")
+
+    def choose(**kw) -> int:
+        args = _args(tmp_path, teacher_path, irs_num_pairs=4, **kw)
+        return choose_iva_layer(args, data_args, model_args, student, teacher, tokenizer, processor)
+
+    assert choose(iva_layer="2") == 2  # a teacher layer for the teacher's attention
+    with pytest.raises(ValueError, match=r"--iva_layer 2 .*--iva_weight_source student: the student \(.*d_student\) "
+                                         r"has 1 decoder layers \(0\.\.0\)"):
+        choose(iva_layer="2", iva_weight_source="student")
+    assert choose(iva_layer="auto", iva_weight_source="student") == 0
+    assert json.loads((tmp_path / "out" / "irs.json").read_text())["layers"] == [0]  # the student's layers
+    assert choose(iva_layer="auto") in (0, 1, 2)
+    assert json.loads((tmp_path / "out" / "irs.json").read_text())["layers"] == [0, 1, 2]  # the teacher's
+    # the teacher's irs.json handed to the student is caught, not applied to the student
+    with pytest.raises(ValueError, match="scores layers up to 2 but the student .* has 1"):
+        choose(iva_layer="auto", iva_weight_source="student", irs_path=str(tmp_path / "out" / "irs.json"))
 
 
 def _cmd(student_path, teacher_path, mini_world, out, *extra):

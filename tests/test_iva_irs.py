@@ -301,8 +301,12 @@ def test_select_iva_layer(tmp_path) -> None:
     assert saved == {"layers": [0, 1, 2], "irs": [0.1, 0.4, 0.2], "best_layer": 1, "num_pairs": 8}
     assert select_iva_layer("auto", model, irs_path=tmp_path / "irs.json") == 1
     (tmp_path / "bad.json").write_text(json.dumps({**saved, "best_layer": 9}))
-    with pytest.raises(ValueError, match="best_layer 9 out of range"):
-        select_iva_layer("auto", model, irs_path=tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="best_layer 9 out of range for the teacher, which has 3 layers"):
+        select_iva_layer("auto", model, irs_path=tmp_path / "bad.json", name="the teacher")
+    # IRS of a deeper model (a teacher's irs.json for the student): caught even where best_layer fits
+    (tmp_path / "deeper.json").write_text(json.dumps({**saved, "layers": [0, 1, 2, 3, 4], "best_layer": 1}))
+    with pytest.raises(ValueError, match="scores layers up to 4 but the student has 3: .*another model"):
+        select_iva_layer("auto", model, irs_path=tmp_path / "deeper.json", name="the student")
     # Without a file: computed on the given pairs, argmax of IRS.
     batches_a = [make_batch([LAYOUT, LAYOUT], seed=1)]
     batches_b = [make_batch([[TM, V, V, V, V, N, TM, R], LAYOUT], seed=2)]

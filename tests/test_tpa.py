@@ -30,7 +30,9 @@ from llava.constants import IMAGE_TOKEN_INDEX
 V = 96
 
 
-def tiny_lm(family: str, impl: str = "sdpa", seed: int = 0, hidden: int = 32) -> transformers.PreTrainedModel:
+def tiny_lm(
+    family: str, impl: str = "sdpa", seed: int = 0, hidden: int = 32, **config_kw
+) -> transformers.PreTrainedModel:
     """A 2-layer Qwen2/Qwen3 with large init, so attention patterns (and mask errors) change the logits."""
     torch.manual_seed(seed)
     kw = dict(
@@ -41,6 +43,7 @@ def tiny_lm(family: str, impl: str = "sdpa", seed: int = 0, hidden: int = 32) ->
         num_attention_heads=4,
         num_key_value_heads=2,
         initializer_range=0.2,
+        **config_kw,
     )
     cfg = transformers.Qwen3Config(head_dim=8, **kw) if family == "qwen3" else transformers.Qwen2Config(**kw)
     cfg._attn_implementation = impl
@@ -419,6 +422,37 @@ def test_invalid_arguments():
         model = tiny_lm("qwen2")
         model.config._attn_implementation = "flash_attention_2"
         tpa._ribbon_attention_mask(model, torch.ones(1, 2), torch.tensor([[1]]), torch.float32, cached=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@torch.no_grad()
+def test_sliding_window_is_refused_where_it_cuts_and_exact_where_it_cannot(family):
+    """The ribbon is full causal: a window shorter than the sequence is an error before any pass (it used to
+    give silently wrong transition logits); a window longer than the sequence cuts nothing and stays exact."""
+    T = 8
+    input_ids, attention_mask, response_mask = padded_batch("right", T)
+    candidates = torch.randint(1, V, (2, T, 2), generator=torch.Generator().manual_seed(2))
+    window = dict(use_sliding_window=True, max_window_layers=1)  # layer 1 slides, as Qwen2 applies it
+    short = tiny_lm(family, sliding_window=T, **window)
+    assert short.config.layer_types == ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match=rf"sliding_window={T} on layers \[1\].*{T} tokens"):
+        transition_logits(short, input_ids, attention_mask, response_mask, candidates)
+    _, embeds, attn, position_ids, _ = embedded(short, "right")
+    cand_pos = response_positions(response_mask)
+    rows = candidate_rows(cand_pos, gather_positions(candidates, cand_pos), T)
+    for fn in (appended_pass, cached_pass):  # the training forms
+        with pytest.raises(ValueError, match="sliding-window attention"):
+            fn(short, embeds, attn, position_ids, rows.pos, rows.ids)
+
+    wide = tiny_lm(family, sliding_window=T + 1, **window)  # keeps every key of these sequences
+    fast = transition_logits(wide, input_ids, attention_mask, response_mask, candidates)
+    naive = naive_transition_logits(wide, input_ids, attention_mask, response_mask, candidates)
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+    _, embeds, attn, position_ids, _ = embedded(wide, "right")
+    (gt_a, cand_a), (gt_c, cand_c) = (fn(wide, embeds, attn, position_ids, rows.pos, rows.ids)
+                                      for fn in (appended_pass, cached_pass))
+    valid = rows.pos >= 0
+    torch.testing.assert_close(cand_c[valid], cand_a[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_response_positions_and_gather():
