@@ -1,9 +1,19 @@
 """LLaVA conversation data: lazy dataset, typed tokenization, bad-input skipping, collator.
 
-A bad sample (missing or corrupt image, a path escaping the image folder, no supervised token left after
-truncation, visual tokens that would be cut) never stops a run: it is skipped, replaced by the next good
-sample, logged with its index and path, and counted. The collator forwards the skip records in the batch
-(`skipped`), so the trainer counts them in the main process whatever the number of dataloader workers.
+A bad sample (missing or corrupt image, a path escaping the image folder, a malformed record, no supervised
+token left after truncation, visual tokens that would be cut) never stops a run: it is skipped, replaced by
+a good sample, logged with its index and path, and counted. Design choices:
+
+- Replacement: index i is tried first, then indices drawn by `random.Random(i)`, then every index in file
+  order after i. The same index therefore gives the same sample in every process and after a resume; a block
+  of bad samples is not replaced by one neighbour repeated; only a dataset with no good sample is an error.
+- Each process reports a bad sample once, the first time it meets it; the collator forwards these records in
+  the batch (`skipped`), and the trainer keeps the unique (index, image, reason) ones of all processes.
+- Schema: `"image"` absent, null or `[]` means text-only (null is what a JSON export of a mixed table writes
+  for a missing value); a one-element list is that image; a longer list (LLaVA-OneVision multi-image) is
+  skipped. Records, turns and values of the wrong JSON type are skipped with the reason.
+- The `<image>` tag is moved to the front of the first human turn, as LLaVA's `preprocess_multimodal`
+  does, so training has the layout of eval and the CLI (image first, then the instruction).
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,42 +33,100 @@ from llava.conversation import get_conv_template, tokenize_conversation
 from llava.mm_utils import process_images
 
 logger = logging.getLogger(__name__)
-MAX_REPLACEMENT_TRIES = 50
+REPLACEMENT_DRAWS = 16  # random draws before the file-order scan; 16 all-bad draws at 50 % bad: p = 1.5e-5
 
 
 class BadSample(Exception):
     """A sample that cannot be used; the message says why."""
 
 
-def load_records(path: str) -> list[dict]:
-    """A LLaVA JSON list, or JSONL (one record per line)."""
+def load_records(path: str) -> list:
+    """A LLaVA JSON list, or JSON Lines (one record per line; `.jsonl`, or a `.json` file that holds JSONL).
+
+    Errors name the file (and the line for JSONL); a UTF-8 byte-order mark is accepted."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--data_path {path!r} is a directory; give a .json or .jsonl file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data_path {path!r} does not exist")
-    with open(path) as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        records = json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+    if path.lower().endswith(".jsonl"):
+        return _parse_jsonl(text, path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and _first_line_is_record(text):
+            logger.info("%s holds one JSON value per line: reading it as JSON Lines", path)
+            return _parse_jsonl(text, path)
+        where = f"line {err.lineno}, column {err.colno}"
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at {where})") from err
+    if isinstance(records, dict):
+        raise ValueError(f"{path}: expected a JSON list of conversation records, got one object "
+                         "(for JSON Lines, one record per line, name the file .jsonl)")
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of conversation records")
+        raise ValueError(f"{path}: expected a JSON list of records, not {type(records).__name__}")
     return records
 
 
+def _first_line_is_record(text: str) -> bool:
+    """Whether the first non-blank line alone is a JSON object: a JSON Lines file under a .json name."""
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _parse_jsonl(text: str, path: str) -> list:
+    # split on "\n" only: str.splitlines would also split on U+2028, which JSON allows inside strings
+    records = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg}, col {err.colno})") from err
+    return records
+
+
+def image_path(record: dict) -> str | None:
+    """The record's image path relative to the image folder; None for a text-only record."""
+    image = record.get("image")
+    if isinstance(image, list):
+        if len(image) > 1:
+            raise BadSample(f"multi-image samples are not supported ({len(image)} images)")
+        image = image[0] if image else None
+    if image is None:
+        return None
+    if not isinstance(image, str) or not image:
+        raise BadSample(f"'image' must be a non-empty path string, got {image!r}")
+    return image
+
+
 def build_conversation(record: dict, template: str, has_image: bool):
-    """LLaVA record -> Conversation with `<image>` at the start of the first human turn (if not already there)."""
+    """LLaVA record -> Conversation; with an image, `<image>` goes to the front of the first human turn."""
     conv = get_conv_template(template)
     turns = record.get("conversations")
-    if not turns or len(turns) % 2:
-        raise BadSample("'conversations' must hold human/gpt pairs")
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        raise BadSample("'conversations' must be a list of human/gpt pairs")
     for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadSample(f"turn {i} is a {type(turn).__name__}, not a JSON object")
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
             raise BadSample(f"turn {i} is from {turn.get('from')!r}, expected {expected!r}")
-        value = turn.get("value", "")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise BadSample(f"turn {i} 'value' must be a string, got {type(value).__name__}")
         if i == 0 and has_image:
             if value.count(DEFAULT_IMAGE_TOKEN) > 1:
                 raise BadSample(f"{value.count(DEFAULT_IMAGE_TOKEN)} <image> tags for one image")
-            if DEFAULT_IMAGE_TOKEN not in value:
-                value = DEFAULT_IMAGE_TOKEN + "\n" + value
+            # LLaVA's preprocess_multimodal: the image goes first wherever the tag was, the layout of eval/CLI
+            value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
         else:  # a tag without an image (or in a later turn) would desynchronise images and tokens
             value = value.replace(DEFAULT_IMAGE_TOKEN, "").strip()
         if template == "plain" and i == 0 and has_image:
@@ -86,58 +156,93 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         self.data_path = data_path
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_folder = os.path.realpath(image_folder) if image_folder else None
+        # not realpath: symlinks inside the folder (playground/data/coco -> another disk, HF snapshots ->
+        # blobs/) are the usual layout; escapes are judged on the lexical path (`load_image`)
+        self.image_folder = os.path.abspath(image_folder) if image_folder else None
         self.template = template
         self.model_max_length = model_max_length
         self.num_image_tokens = num_image_tokens
         self.image_aspect_ratio = image_aspect_ratio
         self.skip_log_limit = skip_log_limit
-        self._logged = 0
+        self._bad: dict[int, dict] = {}  # index -> skip record, for the bad samples this process has met
 
     def __len__(self) -> int:
         return len(self.records)
 
     @property
     def modality_lengths(self) -> list[int]:
-        """Rough lengths (words), negative for text-only samples (LLaVA's convention for grouping)."""
+        """Rough lengths (words), negative for text-only samples (LLaVA's convention for grouping).
+
+        Tolerant of malformed records: those are skipped when loaded, not here at sampler construction."""
         lengths = []
         for r in self.records:
-            words = sum(len(t.get("value", "").split()) for t in r.get("conversations", []))
-            lengths.append(words if "image" in r else -words)
+            turns = r.get("conversations") if isinstance(r, dict) else None
+            turns = turns if isinstance(turns, list) else []
+            values = [t.get("value") for t in turns if isinstance(t, dict)]
+            words = sum(len(v.split()) for v in values if isinstance(v, str))
+            has_image = isinstance(r, dict) and r.get("image") not in (None, [])
+            lengths.append(words if has_image else -words)
         return lengths
 
     def __getitem__(self, index: int) -> dict:
         skipped = []
-        for attempt in range(MAX_REPLACEMENT_TRIES):
-            i = (index + attempt) % len(self.records)
+        for i in self._candidates(index):
+            if i in self._bad:  # already reported by this process
+                continue
             try:
                 item = self.load(i)
             except BadSample as err:
-                record = self.records[i]
-                skip = {"index": i, "id": record.get("id"), "image": record.get("image"), "reason": str(err)}
-                skipped.append(skip)
-                if self._logged < self.skip_log_limit:
-                    logger.warning("Skipping sample %d (id=%s, image=%s): %s", i, skip["id"], skip["image"], err)
-                    self._logged += 1
+                skipped.append(self._record_skip(i, err))
                 continue
             item["skipped"] = skipped
             return item
-        raise RuntimeError(f"{MAX_REPLACEMENT_TRIES} consecutive bad samples from index {index} in {self.data_path}")
+        example = next(iter(self._bad.values()))
+        raise RuntimeError(
+            f"{self.data_path}: none of its {len(self.records)} samples is usable "
+            f"(e.g. sample {example['index']}: {example['reason']})"
+        )
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """`index`, then draws seeded by it, then the rest in file order: the same in every process."""
+        n = len(self.records)
+        yield index
+        rng = random.Random(index)
+        for _ in range(REPLACEMENT_DRAWS):
+            yield rng.randrange(n)
+        for step in range(1, n):
+            yield (index + step) % n
+
+    def _record_skip(self, i: int, err: BadSample) -> dict:
+        record = self.records[i] if isinstance(self.records[i], dict) else {}
+        skip = {"index": i, "id": record.get("id"), "image": record.get("image"), "reason": str(err)}
+        self._bad[i] = skip
+        if len(self._bad) <= self.skip_log_limit:
+            logger.warning("Skipping sample %d (id=%s, image=%s): %s", i, skip["id"], skip["image"], err)
+        elif len(self._bad) == self.skip_log_limit + 1:
+            logger.warning("More than %d bad samples in %s: no longer logged one by one, all are listed in "
+                           "skipped_samples.json", self.skip_log_limit, self.data_path)
+        return skip
 
     def load(self, i: int) -> dict:
+        """Sample i as tensors; raises BadSample if it cannot be used."""
         record = self.records[i]
-        image = self.load_image(record) if "image" in record else None
+        if not isinstance(record, dict):
+            raise BadSample(f"record is a {type(record).__name__}, not a JSON object")
+        path = image_path(record)
+        image = self.load_image(path) if path is not None else None
         conv = build_conversation(record, self.template, image is not None)
         input_ids, labels, token_types = tokenize_conversation(conv, self.tokenizer)
         input_ids, labels, token_types = self.truncate(input_ids, labels, token_types)
         return {"input_ids": input_ids, "labels": labels, "token_types": token_types, "image": image}
 
-    def load_image(self, record: dict) -> torch.Tensor:
+    def load_image(self, rel_path: str) -> torch.Tensor:
+        """The processed image at `rel_path` under the image folder: [3, H, W]."""
         if self.image_folder is None or self.image_processor is None:
             raise BadSample("sample has an image but no --image_folder / vision tower is configured")
-        path = os.path.realpath(os.path.join(self.image_folder, record["image"]))
+        # lexical: "../" or an absolute path in the JSON escapes, a symlink inside the folder does not
+        path = os.path.normpath(os.path.join(self.image_folder, rel_path))
         if os.path.commonpath([path, self.image_folder]) != self.image_folder:
-            raise BadSample(f"image path escapes the image folder: {record['image']!r}")
+            raise BadSample(f"image path escapes the image folder: {rel_path!r}")
         if not os.path.isfile(path):
             raise BadSample(f"image file not found: {path}")
         try:

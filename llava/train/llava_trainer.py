@@ -1,5 +1,11 @@
 """LLaVA's Trainer: skip accounting, modality-grouped batches, projector learning rate, the same module calls on
-every rank of a multi-process run (ZeRO-3), safe saving/resume."""
+every rank of a multi-process run (ZeRO-3), safe saving/resume.
+
+Skipped samples: each process keeps the unique (index, image, reason) records its batches carried; at every
+checkpoint save and at the end they are gathered from all processes and written to `skipped_samples.json` in
+the checkpoint (before its trainer_state.json, which marks it complete) and in `output_dir`, so a crashed run
+leaves its list, and a resumed run reloads it from the checkpoint it resumes.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,55 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from aligntI_patch.zero3 import needs_blank_image
 
 logger = logging.getLogger(__name__)
+SKIPPED_FILE = "skipped_samples.json"
+
+
+class SkippedSamples:
+    """The unique skipped-sample records of a run, keyed by (index, image, reason)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict] = {}
+
+    def add(self, records: Iterable[dict]) -> None:
+        for r in records:
+            # the image may be a list (multi-image records): key on its JSON text
+            self.records.setdefault(json.dumps([r["index"], r["image"], r["reason"]]), r)
+
+    def gather(self) -> list[dict]:
+        """The union over all processes, sorted by index (a collective: every rank calls it)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, list(self.records.values()))
+            for part in parts:
+                self.add(part)
+        return sorted(self.records.values(), key=lambda r: r["index"])
+
+    def load(self, checkpoint: str) -> None:
+        """Add the list saved in `checkpoint` (absent in checkpoints written before it was saved there)."""
+        path = os.path.join(checkpoint, SKIPPED_FILE)
+        if not os.path.isfile(path):
+            logger.info("%s has no %s: the skipped-sample list restarts empty", checkpoint, SKIPPED_FILE)
+            return
+        with open(path, encoding="utf-8") as f:
+            self.add(json.load(f)["samples"])
+
+
+def write_skipped(path: str, records: list[dict]) -> None:
+    """Write atomically: a crash while writing leaves the previous list."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"count": len(records), "samples": records}, f, indent=1)
+    os.replace(tmp, path)
 
 
 class LLaVATrainer(Trainer):
@@ -22,11 +70,13 @@ class LLaVATrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.skipped_samples: list[dict] = []
+        self.skipped = SkippedSamples()
+        self.modality_sampler: ModalityGroupedSampler | None = None
         self.add_callback(SkipReportCallback(self))
+        self.add_callback(SamplerEpochCallback(self))
 
     def pop_skipped(self, inputs: dict) -> None:
-        self.skipped_samples.extend(inputs.pop("skipped", ()))
+        self.skipped.add(inputs.pop("skipped", ()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.pop_skipped(inputs)
@@ -34,10 +84,32 @@ class LLaVATrainer(Trainer):
             inputs = {**inputs, "vision_in_step": True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """HF's train, after reloading the skipped-sample list of the checkpoint it resumes from."""
+        last = resume_from_checkpoint is True
+        checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
+        if isinstance(checkpoint, str):
+            self.skipped.load(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # written before HF's checkpoint files, so trainer_state.json (the completeness mark) comes after it
+        records = self.skipped.gather()
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), name)
+            os.makedirs(checkpoint, exist_ok=True)
+            write_skipped(os.path.join(checkpoint, SKIPPED_FILE), records)
+            write_skipped(os.path.join(self.args.output_dir, SKIPPED_FILE), records)
+        super()._save_checkpoint(model, trial)
+
     def _get_train_sampler(self, *args, **kwargs):
         if self.args.group_by_modality_length and hasattr(self.train_dataset, "modality_lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return ModalityGroupedSampler(self.train_dataset.modality_lengths, batch, seed=self.args.seed)
+            self.modality_sampler = ModalityGroupedSampler(
+                self.train_dataset.modality_lengths, batch, seed=self.args.seed
+            )
+            return self.modality_sampler
         return super()._get_train_sampler(*args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
@@ -56,7 +128,10 @@ class LLaVATrainer(Trainer):
 
 
 class ModalityGroupedSampler(torch.utils.data.Sampler):
-    """Shuffled indices where every global batch holds a single modality (image or text-only)."""
+    """Shuffled indices where every global batch holds a single modality (image or text-only).
+
+    The order depends only on (seed, epoch): the trainer sets the epoch (`set_epoch`), so a resumed run
+    replays the order of the epoch it resumes."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
         self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
@@ -64,9 +139,11 @@ class ModalityGroupedSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __iter__(self):
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
         rng = random.Random(self.seed + self.epoch)
-        self.epoch += 1
         full, partial = [], []
         for is_image in (True, False):
             idx = [i for i, n in enumerate(self.lengths) if (n > 0) == is_image]
@@ -79,20 +156,36 @@ class ModalityGroupedSampler(torch.utils.data.Sampler):
         return iter([i for chunk in full + partial for i in chunk])
 
 
+class SamplerEpochCallback(TrainerCallback):
+    """Sets the modality sampler's epoch from the trainer state at each epoch start.
+
+    accelerate forwards `set_epoch` to the sampler, except through the batch-skipping loader of a resumed
+    multi-process run (SkipBatchSampler over BatchSamplerShard): without this, that epoch would be shuffled
+    as epoch 0."""
+
+    def __init__(self, trainer: LLaVATrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer.modality_sampler is not None:
+            # state.epoch is e + step/steps_per_epoch: an exact integer when epoch e starts
+            self.trainer.modality_sampler.set_epoch(int(state.epoch or 0))
+
+
 class SkipReportCallback(TrainerCallback):
-    """Logs how many samples were skipped and writes them to `output_dir/skipped_samples.json`."""
+    """At the end: logs how many unique samples were skipped, writes `output_dir/skipped_samples.json`."""
 
     def __init__(self, trainer: LLaVATrainer):
         self.trainer = trainer
 
     def on_train_end(self, args, state, control, **kwargs):
-        skipped = self.trainer.skipped_samples
+        records = self.trainer.skipped.gather()  # every rank: a collective
         if not state.is_world_process_zero:
             return
-        logger.warning("Skipped %d bad samples in total (this process)", len(skipped))
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "skipped_samples.json"), "w") as f:
-            json.dump({"count": len(skipped), "samples": skipped}, f, indent=1)
+        path = os.path.join(args.output_dir, SKIPPED_FILE)
+        write_skipped(path, records)
+        logger.warning("Skipped %d unique bad samples in all (every process): list in %s", len(records), path)
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
