@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -184,6 +185,26 @@ def test_stream_reply_raises_the_model_error(chat, world_image, monkeypatch):
         list(stream_reply(chat, ChatState(world_image, [["Hi?", None]]), max_new_tokens=4))
 
 
+def test_closing_the_stream_stops_the_generation_thread(chat, world_image, monkeypatch):
+    """A reader that stops early (cancelled, disconnected, cleared) leaves no thread generating."""
+    real_generate, lengths = chat.model.generate, []
+
+    def endless(*args, **kwargs):  # no EOS before max_new_tokens: only the stop can end it early
+        out = real_generate(*args, **{**kwargs, "min_new_tokens": kwargs["max_new_tokens"]})
+        lengths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(chat.model, "generate", endless)
+    stream = stream_reply(chat, ChatState(world_image, [["Hi?", None]]), temperature=0.0, max_new_tokens=2000)
+    next(stream)
+    stream.close()
+    deadline = time.monotonic() + 30
+    while any(t.name == "demo-generate" and t.is_alive() for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the generation thread still runs after the stream was closed"
+        time.sleep(0.05)
+    assert lengths and lengths[0] < 2000
+
+
 def test_conversation_and_examples(mini_world, tmp_path):
     conv = build_conversation("qwen_2", [["q1", "a1"], ["q2", None]], has_image=True)
     assert conv.messages == [
@@ -196,6 +217,128 @@ def test_conversation_and_examples(mini_world, tmp_path):
     examples = tiny_world_examples(mini_world)
     assert 1 <= len(examples) <= 4 and all(Path(p).is_file() and q for p, q in examples)
     assert tiny_world_examples(tmp_path / "nowhere") == []
+
+
+# ----------------------------------------------------------------------------- the page's handlers
+class FakeStream:
+    """Stands in for `stream_reply` in the page: `max_new_tokens` pieces, one per 20 ms (or one failure),
+    recording each call's (question, image) and which streams were closed before their end."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Image.Image | None]] = []
+        self.closed_early: list[int] = []
+        self.fail_next = False
+
+    def __call__(self, chat, state, temperature, top_p, max_new_tokens):
+        self.calls.append((state.history[-1][0], state.image))
+        fail, self.fail_next = self.fail_next, False
+        return self._pieces(len(self.calls), max_new_tokens, fail)
+
+    def _pieces(self, call: int, n: int, fail: bool):
+        if fail:
+            raise RuntimeError("simulated failure")
+        done = False
+        try:
+            for i in range(n):
+                time.sleep(0.02)
+                yield " ".join(["word"] * (i + 1))
+            done = True
+        finally:
+            if not done:
+                self.closed_early.append(call)
+
+
+def _texts(messages: list[dict]) -> list[str]:
+    """The chatbot's messages as plain text (gradio's client gives content as a list of parts)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        out.append(content if isinstance(content, str) else " ".join(part["text"] for part in content))
+    return out
+
+
+@pytest.fixture(scope="module")
+def live_page(chat):
+    """The page served in this process (loopback, free port) with `FakeStream` answering; a client factory."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_client")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from gradio_client import Client
+
+    import llava.serve.gradio_ui as ui
+
+    fake, real = FakeStream(), ui.stream_reply
+    ui.stream_reply = fake  # looked up by `respond` at call time
+    demo = ui.build_demo(chat)
+    port = _free_port()
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, ssr_mode=False,
+        mcp_server=False, enable_monitoring=False, quiet=True,
+    )  # fmt: skip
+    try:
+        yield lambda: Client(f"http://127.0.0.1:{port}/", verbose=False), fake
+    finally:
+        demo.close()
+        ui.stream_reply = real
+
+
+def _streaming(client, max_new_tokens: int = 1000):
+    """Submit `respond` and return the job once its reply is streaming."""
+    job = client.submit(0.0, 0.7, max_new_tokens, api_name="/respond")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 2:
+        assert time.monotonic() < deadline and not job.done(), "the reply never started streaming"
+        time.sleep(0.05)
+    return job
+
+
+@pytest.mark.parametrize("interrupt", ["clear", "new image"])
+def test_clear_or_new_image_while_streaming_starts_afresh(live_page, mini_world, interrupt):
+    from gradio_client import handle_file
+
+    connect, fake = live_page
+    client = connect()
+    first, second = sorted((Path(mini_world) / "images").glob("test_*.png"))[:2]
+    client.predict(handle_file(str(first)), api_name="/on_image")
+    client.predict("What color is the circle?", api_name="/on_question")
+    job = _streaming(client)
+    if interrupt == "clear":
+        assert client.predict(api_name="/on_clear")[2] == []  # (upload, preview, chat, ...)
+    else:
+        assert "Image loaded" in client.predict(handle_file(str(second)), api_name="/on_image")[2]
+    start = time.monotonic()
+    job.result(timeout=60)
+    assert time.monotonic() - start < 10  # the old reply stopped, it did not run its 1000 pieces
+    assert len(fake.calls) in fake.closed_early
+    chat_after = client.predict("And now?", api_name="/on_question")[1]
+    assert _texts(chat_after) == ["And now?"]  # a fresh conversation, not the old one back
+    client.predict(0.0, 0.7, 8, api_name="/respond")  # the slider's minimum
+    question, image = fake.calls[-1]
+    assert question == "And now?"
+    if interrupt == "clear":
+        assert image is None
+    else:
+        assert np.array_equal(np.asarray(image), np.asarray(load_upload(second)))
+
+
+def test_regenerate_after_a_model_error_retries_the_failed_question(live_page, mini_world):
+    from gradio_client import handle_file
+
+    connect, fake = live_page
+    client = connect()
+    image = sorted((Path(mini_world) / "images").glob("test_*.png"))[0]
+    client.predict(handle_file(str(image)), api_name="/on_image")
+    client.predict("First?", api_name="/on_question")
+    client.predict(0.0, 0.7, 8, api_name="/respond")
+    fake.fail_next = True
+    client.predict("Second?", api_name="/on_question")
+    chat_now, status = client.predict(0.0, 0.7, 8, api_name="/respond")[:2]
+    reply = " ".join(["word"] * 8)
+    assert "simulated failure" in status and _texts(chat_now) == ["First?", reply]
+    assert "Retrying" in client.predict(api_name="/on_regenerate")[1]
+    chat_now, status = client.predict(0.0, 0.7, 8, api_name="/respond")[:2]
+    assert fake.calls[-1][0] == "Second?"  # the failed question, not the answered one again
+    assert _texts(chat_now) == ["First?", reply, "Second?", reply] and "Answered" in status
 
 
 # ------------------------------------------------------------------------------------------- browser

@@ -54,6 +54,21 @@ def test_entry_point_registers_the_model():
     assert get_model("llava_aligntI") is LlavaAlignTI
 
 
+@pytest.mark.parametrize("first", ["plugin", "lmms_eval.models"])
+def test_registration_does_not_depend_on_the_import_order(first):
+    """A fresh interpreter importing the plugin before or after lmms_eval.models finds the model."""
+    imports = ["import llava.eval.lmms_eval_plugin", "import lmms_eval.models"]
+    code = "\n".join([
+        *(imports if first == "plugin" else imports[::-1]),
+        "from lmms_eval.models import get_model",
+        "from llava.eval.lmms_eval_plugin import MANIFEST, LlavaAlignTI",
+        "assert get_model('llava_aligntI') is LlavaAlignTI, get_model('llava_aligntI')",
+        "assert MANIFEST.model_id == 'llava_aligntI'",
+    ])  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_task_rows_and_scoring_functions(mini_world):
     rows = task_rows(mini_world)
     records = json.loads((Path(mini_world) / "test.json").read_text())
@@ -91,9 +106,7 @@ def test_loglikelihood_equals_the_unbatched_loss(lmm, mini_world):
         for i, r in enumerate(rows)
         for cont in ("yes", "no, it is the red circle")
     ] + [_instance("loglikelihood", ("", "yes"))]  # the unconditional (text-only) form
-    pairs = lmm.loglikelihood_pairs(requests)
-    wrapped = lmm.loglikelihood(requests)
-    assert [w.text for w in wrapped] == pairs  # what lmms-eval's evaluator unwraps
+    pairs = lmm.loglikelihood(requests)
     model, tokenizer = lmm.model, lmm.tokenizer
     for request, (nll, greedy) in zip(requests, pairs):
         context, continuation = request.args[:2]
@@ -112,6 +125,99 @@ def test_loglikelihood_equals_the_unbatched_loss(lmm, mini_world):
         assert nll == pytest.approx(out.loss.item(), rel=1e-4, abs=1e-5)
         shifted = out.logits[0, -len(target) - 1 : -1].argmax(-1)
         assert greedy == bool((shifted == target).all())
+
+
+def test_response_cache_stores_and_returns_loglikelihood_pairs(lmm, mini_world, tmp_path):
+    """`--use_cache`: a miss stores the pairs, a hit returns them, and the evaluator keeps both as pairs."""
+    import lmms_eval.evaluator as evaluator
+    from lmms_eval.caching.response_cache import ResponseCache
+
+    rows = task_rows(mini_world)[:3]
+    lmm.task_dict = {"t": {"test": rows}}
+    utils = _utils()
+    requests = [
+        _instance("loglikelihood", (r["question"], cont, utils.doc_to_visual, i, "t", "test"), i)
+        for i, r in enumerate(rows)
+        for cont in ("yes", "no")
+    ]
+    for i, request in enumerate(requests):
+        request.idx = i  # one cache key per choice, as lmms-eval numbers a document's choices
+    expected = lmm.loglikelihood(requests)
+    calls = []
+
+    class Counting:
+        def loglikelihood(self, reqs):
+            calls.append(len(reqs))
+            return lmm.loglikelihood(reqs)
+
+    for run in ("miss", "hit"):
+        cache = ResponseCache.create(
+            str(tmp_path / "cache"), model="llava_aligntI", model_args="pretrained=mini"
+        )
+        responses = cache.execute(Counting(), "loglikelihood", requests)
+        cache.finalize(success=True)
+        unwrapped = [evaluator.unwrap_generation_output(r)[0] for r in responses]
+        assert [tuple(u) for u in unwrapped] == expected, run
+        assert all(isinstance(nll, float) and isinstance(greedy, bool) for nll, greedy in unwrapped), run
+    assert calls == [len(requests)]  # the second run came from the cache
+
+
+def test_model_args_batch_size_dtype_and_cli_collisions(lmm, mini_checkpoint, caplog):
+    from llava.eval.lmms_eval_plugin import LlavaAlignTI, parse_batch_size, parse_dtype
+
+    assert parse_batch_size("4") == 4 and parse_batch_size(2) == 2 and parse_batch_size(None) == 1
+    for auto in ("auto", "auto:4"):
+        with caplog.at_level("WARNING"):
+            assert parse_batch_size(auto) == 1
+        assert "automatic batch size" in caplog.text
+    for bad in ("four", "0"):
+        with pytest.raises(ValueError, match="batch_size"):
+            parse_batch_size(bad)
+    assert parse_dtype("auto", "cpu") == parse_dtype(None, "cpu") == torch.float32
+    assert parse_dtype("auto", "cuda:1") == torch.bfloat16
+    for names, dtype in ((("bf16", "bfloat16"), torch.bfloat16), (("fp16", "float16"), torch.float16),
+                         (("fp32", "float32"), torch.float32)):  # fmt: skip
+        assert all(parse_dtype(name, "cpu") == dtype for name in names)
+    with pytest.raises(ValueError, match="dtype"):
+        parse_dtype("half", "cpu")
+    # lmms-eval's CLI always passes its --batch_size (default 1): model_args' value wins, no TypeError.
+    built = LlavaAlignTI.create_from_arg_string(
+        f"pretrained={mini_checkpoint},device=cpu,batch_size=2,dtype=fp32",
+        {"batch_size": 1, "max_batch_size": None, "device": "cpu"},
+    )
+    assert built.batch_size == 2 and built.model.dtype == torch.float32
+
+
+def test_device_follows_the_accelerator(lmm, monkeypatch):
+    """Under `accelerate launch` each process takes the accelerator's device (CPU with --cpu), or device=."""
+    import accelerate
+
+    import llava.model.builder
+    from llava.eval.lmms_eval_plugin import LlavaAlignTI
+
+    class FakeAccelerator:
+        num_processes, process_index, local_process_index = 2, 1, 1
+
+        def __init__(self, device: str) -> None:
+            self.device = torch.device(device)
+
+    loaded = []
+
+    def fake_load(path, base, device, torch_dtype, attn_implementation):
+        loaded.append((device, torch_dtype))
+        return lmm.tokenizer, lmm.model, lmm._image_processor, lmm.max_length
+
+    monkeypatch.setattr(llava.model.builder, "load_pretrained_model", fake_load)
+    for accelerator_device, device, expected in (
+        ("cpu", None, ("cpu", torch.float32)),  # accelerate launch --cpu: no CUDA forced
+        ("cuda:1", None, ("cuda:1", torch.bfloat16)),
+        ("cuda:1", "cuda", ("cuda:1", torch.bfloat16)),  # one GPU per process
+        ("cuda:1", "cpu", ("cpu", torch.float32)),  # device= is respected
+    ):
+        monkeypatch.setattr(accelerate, "Accelerator", lambda d=accelerator_device: FakeAccelerator(d))
+        built = LlavaAlignTI(pretrained="unused", device=device)
+        assert loaded[-1] == expected
+        assert (built.rank, built.world_size) == (1, 2)
 
 
 def test_generate_until_equals_generate_answers_and_cuts_at_stops(lmm, mini_world):
@@ -179,3 +285,29 @@ def test_lmms_eval_cli_end_to_end_offline(mini_checkpoint, mini_world, tmp_path,
     with capsys.disabled():  # shown in the normal pytest output too
         print(f"\nlmms-eval, mini checkpoint: tiny_world {scores}; "  # noqa: T201
               f"tiny_world_mc acc {results['tiny_world_mc']['acc,none']:.4f}")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_lmms_eval_cli_use_cache_multiple_choice(mini_checkpoint, mini_world, tmp_path):
+    """`--use_cache` on a multiple_choice task: the first run fills the cache, the second is served from it,
+    and both score the same."""
+    write_task_jsonl(mini_world, tmp_path / TASK_JSONL)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    scores = []
+    for run in ("first", "second"):
+        out = tmp_path / f"results_{run}"
+        cmd = [
+            sys.executable, "-m", "lmms_eval", "--model", "llava_aligntI",
+            "--model_args", f"pretrained={mini_checkpoint},device=cpu", "--tasks", "tiny_world_mc",
+            "--include_path", str(TASKS), "--batch_size", "4", "--limit", "4",
+            "--use_cache", str(tmp_path / "cache"), "--output_path", str(out),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+        log = proc.stdout + proc.stderr
+        results_files = sorted(out.rglob("*_results.json"))
+        assert proc.returncode == 0 and results_files, log[-6000:]
+        scores.append(json.loads(results_files[-1].read_text())["results"]["tiny_world_mc"]["acc,none"])
+    assert "cache hits" in log and "skipping model inference" in log, log[-6000:]
+    assert scores[0] == scores[1]

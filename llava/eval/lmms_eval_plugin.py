@@ -6,55 +6,129 @@
 Design choices
 - Registration: lmms-eval 0.7 reads `ModelManifest`s from the `lmms_eval.models` entry-point group
   (pyproject: `llava_aligntI = "llava.eval.lmms_eval_plugin:MANIFEST"`); `@register_model` alone is not
-  seen by its registry. Heavy imports (the model code) wait for the constructor, since lmms-eval loads this
-  module for every run whatever model it evaluates.
+  seen by its registry. `MANIFEST` is built on first access (module `__getattr__`): `ModelManifest` lives in
+  `lmms_eval.models.registry_v2`, whose package `__init__` loads every entry point, this one included, so
+  importing it at the top would make the import order matter (this module imported first = half-initialised
+  when the registry asks it for `MANIFEST`). Heavy imports (the model code) wait for the constructor, since
+  lmms-eval loads this module for every run whatever model it evaluates.
 - `generate_until` is `generate_answers` (the loop of every other evaluation here: typed conversation
   template, left padding, greedy = batched equals unbatched). Requests are grouped by task, split and
   generation settings, kept in order, and cut at the task's `until` strings afterwards.
-- `loglikelihood` returns, per request, (mean negative log-likelihood of the continuation tokens, whether
-  greedy decoding gives them), the continuation placed right after the assistant's generation prompt. A
-  loss, not a log-probability: lmms-eval's `multiple_choice` scoring takes the argmin, as its own LLaVA
+- `loglikelihood` returns, per request, lmms-eval's (mean negative log-likelihood of the continuation tokens,
+  whether greedy decoding gives them), the continuation placed right after the assistant's generation prompt.
+  A loss, not a log-probability: lmms-eval's `multiple_choice` scoring takes the argmin, as its own LLaVA
   wrapper returns `outputs.loss`; equal to the `loss` of an unbatched forward with the continuation as
   labels (tested). Only continuation positions go through the lm_head (no [tokens x vocab] tensor).
-  lmms-eval 0.7.3's evaluator passes every model output through `unwrap_generation_output`, which turns
-  anything but a string into `str(output)`, so a bare (float, bool) reaches `multiple_choice` scoring as
-  text and fails there; `loglikelihood` therefore hands each pair over inside a `GenerationResult`, whose
-  `.text` the evaluator takes as it is. `loglikelihood_pairs` gives the plain pairs.
+  lmms-eval 0.7.3's evaluator passes every model output, and every `--use_cache` hit (a JSON list), through
+  `unwrap_generation_output`, which turns any pair whose first item is not a string into `str(pair)`: so
+  `multiple_choice` scoring fails for every model. The constructor wraps that function in
+  `lmms_eval.evaluator` to pass (number, bool) pairs through as tuples; the wrapper is installed only when
+  the installed lmms-eval shows that behaviour, and changes nothing else.
 - Model args: `pretrained` (checkpoint folder), `model_base` (LoRA / projector-only), `conv_template`
-  (default: the checkpoint's `config.conv_template`), `device`, `dtype` (bfloat16 on CUDA, float32 on CPU),
-  `batch_size`, `max_new_tokens` (when a task sets none), `attn_implementation`. Under
-  `accelerate launch` each process takes its own GPU and lmms-eval shards the requests.
+  (default: the checkpoint's `config.conv_template`), `device` (default: the accelerator's device, so
+  `accelerate launch --cpu` stays on CPU), `dtype` (`auto` = bfloat16 on CUDA, float32 elsewhere; or
+  bf16/bfloat16, fp16/float16, fp32/float32), `batch_size` (an integer; `auto`/`auto:N` fall back to 1 with
+  a warning), `max_new_tokens` (when a task sets none), `attn_implementation`. `batch_size` and `device`
+  may be given both in `--model_args` and as lmms-eval's `--batch_size`/`--device`: `--model_args` wins.
+  Under `accelerate launch` each process takes its own device and lmms-eval shards the requests.
 - One image per sample (LLaVA-1.5 layout): extra images of a multi-image document are dropped with a
   warning.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
+
+if TYPE_CHECKING:  # importing it for real would load every entry point (see the module docstring)
+    from lmms_eval.models.registry_v2 import ModelManifest
 
 logger = logging.getLogger(__name__)
 
 MODEL_ID = "llava_aligntI"
-MANIFEST = ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.LlavaAlignTI")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}  # fmt: skip
 
 
-def _as_int(value: Any, name: str, default: int) -> int:
-    if value is None or value == "auto":
-        if value == "auto":
-            logger.warning("%s=auto is not supported; using %d", name, default)
-        return default
-    return int(value)
+def __getattr__(name: str) -> Any:
+    """`MANIFEST` (the entry point's payload), built on first access: see the module docstring."""
+    if name == "MANIFEST":
+        return _manifest()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _manifest() -> ModelManifest:
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.LlavaAlignTI")
+
+
+def parse_batch_size(value: int | str | None) -> int:
+    """An integer batch size; lmms-eval's `auto` / `auto:N` (no automatic search here) fall back to 1."""
+    text = "1" if value is None else str(value).strip()
+    if text == "auto" or text.startswith("auto:"):
+        logger.warning(
+            "%s has no automatic batch size (batch_size=%s): using 1; give an integer", MODEL_ID, text
+        )
+        return 1
+    try:
+        size = int(text)
+    except ValueError:
+        raise ValueError(f"batch_size must be an integer, 'auto' or 'auto:N', got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    return size
+
+
+def parse_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """`auto` (or None): bfloat16 on CUDA, float32 elsewhere; else one of `_DTYPES`' names."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _is_scored_pair(output: Any) -> bool:
+    """A loglikelihood result: (number, bool), or the JSON list `--use_cache` stores it as."""
+    return (
+        isinstance(output, (tuple, list))
+        and len(output) == 2
+        and isinstance(output[0], (int, float))
+        and not isinstance(output[0], bool)
+        and isinstance(output[1], bool)
+    )
+
+
+def keep_loglikelihood_pairs() -> None:
+    """Make lmms-eval's evaluator pass (number, bool) pairs through as tuples (see the module docstring).
+
+    A no-op when the installed evaluator keeps them already (a fixed lmms-eval, or a second call)."""
+    import lmms_eval.evaluator as evaluator
+
+    unwrap: Callable[[Any], tuple[Any, Any]] = evaluator.unwrap_generation_output
+    if not isinstance(unwrap((0.5, True))[0], str):
+        return
+
+    @functools.wraps(unwrap)
+    def keep_pairs(output: Any) -> tuple[Any, Any]:
+        if _is_scored_pair(output):
+            return (float(output[0]), output[1]), None
+        return unwrap(output)
+
+    evaluator.unwrap_generation_output = keep_pairs
 
 
 def cut_at_stop(text: str, until: Sequence[str]) -> str:
@@ -76,7 +150,7 @@ class LlavaAlignTI(lmms):
         model_base: str | None = None,
         conv_template: str | None = None,
         device: str | None = None,
-        dtype: str | None = None,
+        dtype: str | None = "auto",
         batch_size: int | str | None = 1,
         max_new_tokens: int | str = 128,
         attn_implementation: str | None = None,
@@ -91,17 +165,17 @@ class LlavaAlignTI(lmms):
         from llava.eval.model_vqa_loader import default_conv_mode
         from llava.model.builder import load_pretrained_model
 
+        keep_loglikelihood_pairs()
+        batch_size_per_gpu = parse_batch_size(batch_size)  # checked before the (slow) load
         accelerator = Accelerator()
+        # The accelerator's device by default: it honours `accelerate launch --cpu` and gives each process its GPU.
+        device = str(device or accelerator.device)
         if accelerator.num_processes > 1:
-            device = f"cuda:{accelerator.local_process_index}"
+            if device == "cuda":  # one GPU per process, not all on GPU 0
+                device = f"cuda:{accelerator.local_process_index}"
             self.accelerator = accelerator
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        torch_dtype = (
-            _DTYPES[dtype] if dtype else torch.bfloat16 if device.startswith("cuda") else torch.float32
-        )
+        torch_dtype = parse_dtype(dtype, device)
         self._tokenizer, self._model, self._image_processor, self._max_length = load_pretrained_model(
             pretrained,
             model_base,
@@ -111,11 +185,27 @@ class LlavaAlignTI(lmms):
         )
         self._model.eval()
         self.conv_template = conv_template or default_conv_mode(self._model)
-        self.batch_size_per_gpu = max(1, _as_int(batch_size, "batch_size", 1))
+        self.batch_size_per_gpu = batch_size_per_gpu
         self.max_new_tokens = int(max_new_tokens)
         logger.info(
             "%s: %s on %s (%s), template %s", MODEL_ID, pretrained, device, torch_dtype, self.conv_template
         )
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LlavaAlignTI:
+        """As lmms-eval's, but a key both in `--model_args` and from the CLI (`batch_size`, `device`: its
+        `--batch_size` is always passed, default 1) takes the `--model_args` value instead of a TypeError."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        for key, value in (additional_config or {}).items():
+            if value is None:
+                continue
+            if key not in args:
+                args[key] = value
+            elif str(args[key]) != str(value):
+                logger.warning("%s: %s=%s from --model_args, not %s", MODEL_ID, key, args[key], value)
+        return cls(**args)
 
     @property
     def model(self):
@@ -195,11 +285,7 @@ class LlavaAlignTI(lmms):
                 )
         return results
 
-    def loglikelihood(self, requests) -> list[GenerationResult]:
-        """`loglikelihood_pairs`, each pair wrapped so that lmms-eval's evaluator keeps it a pair."""
-        return [GenerationResult(text=pair) for pair in self.loglikelihood_pairs(requests)]  # type: ignore[arg-type]
-
-    def loglikelihood_pairs(self, requests) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(mean NLL of the continuation given the context, is it greedy) for each request, batched."""
         items = []
         for request in requests:

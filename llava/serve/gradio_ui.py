@@ -4,12 +4,18 @@ Only the wiring lives here; the checks, prompting, generation and focus maps are
 and `llava.serve.focus`. Every handler catches its own errors and shows them in the status line
 (elem_id "status"), so a bad upload or a failing model never takes the server down. All model calls share
 one concurrency group of size 1: generation and the attention hook never run on a model at the same time.
+
+Clear and a new image reset the session's `ChatState` in place (`ChatState.reset`), and cancel a reply that
+is still streaming. `respond` checks the state's conversation count before every write, so a reply of an
+older conversation (one the cancel did not reach: an API client, or a yield already on its way) stops
+and closes its stream, which stops the generation thread, instead of writing into the new conversation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 
 import gradio as gr
 
@@ -48,7 +54,7 @@ def build_demo(
 
     def on_image(path: str | None, state: ChatState):
         """A new image (or none) starts a new conversation."""
-        state = ChatState()
+        state.reset()
         if path is None:
             return state, None, [], "", *[None] * len(focus_models)
         try:
@@ -69,6 +75,7 @@ def build_demo(
             return "", state, state.messages(), "Type a question first."
         if state.history and state.history[-1][1] is None:  # one turn at a time
             return question, state, state.messages(), "Wait for the answer to the last question."
+        state.retry = None  # a new question replaces a failed one
         state.history.append([question, None])
         return "", state, state.messages(), "Generating..."
 
@@ -78,19 +85,39 @@ def build_demo(
         if not state.history or state.history[-1][1] is not None:
             yield state, state.messages(), gr.skip(), *no_focus
             return
+        conversation = state.conversation
+
+        def superseded() -> tuple:
+            """Clear or a new image came: show the current chat (over a stale update) and write nothing else."""
+            return gr.skip(), state.messages(), gr.skip(), *no_focus
+
         question, text = state.history[-1][0], ""
         try:
-            for text in stream_reply(student, state, temperature, top_p, int(max_new_tokens)):
-                yield state, [*state.messages(), {"role": "assistant", "content": text}], gr.skip(), *no_focus
+            with closing(stream_reply(student, state, temperature, top_p, int(max_new_tokens))) as stream:
+                for text in stream:
+                    if state.conversation != conversation:  # Clear or a new image: closing stops generate
+                        yield superseded()
+                        return
+                    yield (
+                        state,
+                        [*state.messages(), {"role": "assistant", "content": text}],
+                        gr.skip(),
+                        *no_focus,
+                    )
         except Exception as err:  # shown in the page; the server keeps serving
             logger.exception("generation failed")
-            state.history.pop()
+            if state.conversation != conversation:
+                return
+            state.retry = state.history.pop()[0]  # not answered: Regenerate asks it again
             yield (
                 state,
                 state.messages(),
-                _error(f"the model failed to answer ({type(err).__name__}: {err})"),
+                _error(f"the model failed to answer ({type(err).__name__}: {err}); Regenerate tries again"),
                 *no_focus,
             )
+            return
+        if state.conversation != conversation:
+            yield superseded()
             return
         state.history[-1][1] = text
         if state.image is None:
@@ -109,17 +136,25 @@ def build_demo(
                 logger.exception("focus map of the %s failed", chat.name)
                 maps.append(None)
                 notes.append(f"{chat.name} focus failed ({type(err).__name__}: {err})")
+        if state.conversation != conversation:  # cleared while the maps were drawn
+            yield superseded()
+            return
         status = f"Answered. Visual focus of “{question[:60]}”." if not notes else _error("; ".join(notes))
         yield state, state.messages(), status, *maps
 
     def on_regenerate(state: ChatState):
+        if state.retry is not None:  # the last question failed: ask it again
+            state.history.append([state.retry, None])
+            state.retry = None
+            return state, state.messages(), "Retrying..."
         if not state.history:
             return state, [], "Nothing to regenerate yet."
         state.history[-1][1] = None
         return state, state.messages(), "Regenerating..."
 
-    def on_clear():
-        return ChatState(), None, None, [], "", "", *[None] * len(focus_models)
+    def on_clear(state: ChatState):
+        state.reset()
+        return state, None, None, [], "", "", *[None] * len(focus_models)
 
     with gr.Blocks(title="Align-TI demo", analytics_enabled=False) as demo:
         state = gr.State(ChatState())
@@ -168,15 +203,20 @@ def build_demo(
 
         params = [state, temperature, top_p, max_new_tokens]
         answer_outputs = [state, chatbot, status, *focus_images]
-        upload.change(on_image, [upload, state], [state, preview, chatbot, status, *focus_images])
+        answers = []  # the streaming events, cancelled by Clear and by a new image
         for trigger in (question.submit, send.click):
-            trigger(on_question, [question, state], [question, state, chatbot, status], queue=False).then(
-                respond, params, answer_outputs, concurrency_id=MODEL_GROUP
-            )
-        regenerate.click(on_regenerate, [state], [state, chatbot, status], queue=False).then(
-            respond, params, answer_outputs, concurrency_id=MODEL_GROUP
+            asked = trigger(on_question, [question, state], [question, state, chatbot, status], queue=False)
+            answers.append(asked.then(respond, params, answer_outputs, concurrency_id=MODEL_GROUP))
+        redo = regenerate.click(on_regenerate, [state], [state, chatbot, status], queue=False)
+        answers.append(redo.then(respond, params, answer_outputs, concurrency_id=MODEL_GROUP))
+        upload.change(
+            on_image, [upload, state], [state, preview, chatbot, status, *focus_images], cancels=answers
         )
         clear.click(
-            on_clear, None, [state, upload, preview, chatbot, question, status, *focus_images], queue=False
+            on_clear,
+            [state],
+            [state, upload, preview, chatbot, question, status, *focus_images],
+            queue=False,
+            cancels=answers,
         )
     return demo

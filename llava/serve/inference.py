@@ -8,6 +8,11 @@ Design choices
   whole conversation is re-tokenized every turn with `tokenize_conversation`, so later turns see it all.
 - Replies stream through `TextIteratorStreamer` from a generation thread. An exception in that thread ends
   the stream and is re-raised in the caller, so a model error reaches the page instead of hanging it.
+  Closing the stream early (the page cancelled it, the client went away, the conversation was cleared)
+  sets an event that a stopping criterion checks after every token, so the thread stops too.
+- A `ChatState` is reset in place (`reset`), never replaced, and counts its conversations: gradio hands every
+  event of a session the same object, so a reply still streaming for an older conversation sees the new
+  count and must not write its answer into the new one.
 - One `ChatModel` per checkpoint (student, optional teacher): the teacher only contributes a focus map
   (its own tokenizer, template and layer), as in the paper's Fig. 8; the student answers.
 """
@@ -20,11 +25,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import Conversation, get_conv_template, tokenize_conversation
@@ -125,10 +130,18 @@ class ChatModel:
 @dataclass
 class ChatState:
     """One browser session: its image and its turns ([question, answer]; the answer of the turn being
-    answered is None)."""
+    answered is None). `retry` is a question whose answer failed (Regenerate asks it again); `conversation`
+    counts `reset`s."""
 
     image: Image.Image | None = None
     history: list[list[str | None]] = field(default_factory=list)
+    retry: str | None = None
+    conversation: int = 0
+
+    def reset(self, image: Image.Image | None = None) -> None:
+        """Start a new conversation (on `image`) in this same object: see the module docstring."""
+        self.image, self.history, self.retry = image, [], None
+        self.conversation += 1
 
     def messages(self) -> list[dict[str, str]]:
         """The turns as chat messages ({"role", "content"}), the pending answer left out."""
@@ -155,11 +168,24 @@ def build_conversation(
     return conv
 
 
+class _StopOnEvent(StoppingCriteria):
+    """Ends `generate` after the current token once `event` is set."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
 def stream_reply(
     chat: ChatModel, state: ChatState, temperature: float = 0.2, top_p: float | None = 0.7,
     max_new_tokens: int = 256,
 ) -> Iterator[str]:  # fmt: skip
-    """Yield the growing reply to the last question of `state` (the text so far, each time)."""
+    """Yield the growing reply to the last question of `state` (the text so far, each time). Closing the
+    iterator early stops the generation thread within a token."""
     model, tokenizer = chat.model, chat.tokenizer
     conv = build_conversation(chat.conv_mode, state.history, state.image is not None, generation_prompt=True)
     input_ids = tokenize_conversation(conv, tokenizer)[0][None].to(model.device)  # (1, T)
@@ -172,6 +198,7 @@ def stream_reply(
     streamer = TextIteratorStreamer(
         tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT_S
     )
+    stop = Event()
     errors: list[BaseException] = []
 
     def generate() -> None:
@@ -182,6 +209,7 @@ def stream_reply(
                     images=images,
                     attention_mask=torch.ones_like(input_ids),
                     streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
                     **kwargs,
                 )
         except Exception as err:  # handed to the caller below: the page must hear of it
@@ -191,9 +219,12 @@ def stream_reply(
     thread = Thread(target=generate, name="demo-generate", daemon=True)
     thread.start()
     text = ""
-    for piece in streamer:
-        text += piece
-        yield text
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:  # also when the reader closes this iterator early: the thread ends after its current token
+        stop.set()  # (not joined here: gradio closes iterators on its event loop, which must not wait)
     thread.join()
     if errors:
         raise errors[0]

@@ -8,8 +8,11 @@
 #   DATA_PATH      instruction data, LLaVA JSON (paper: the 2.4M mix of Table 13; LLaVA-mix-665k for teachers)
 #   IMAGE_FOLDER   image root of DATA_PATH
 #   VERSION        conversation template: qwen_2 (Qwen2) or qwen_3 (Qwen3)
-#   OUTPUT_DIR     default ./checkpoints/llava-qwen-sft
+#   OUTPUT_DIR     default ./checkpoints/llava-qwen-sft (in the repository)
 #   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in pretrain.sh (lr 2e-5, global batch 128)
+# Relative paths in MODEL PRETRAIN_DIR VISION_TOWER DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG TINY_ROOT are
+# taken from your working directory (the script then runs from the repository root; MODEL VISION_TOWER only
+# when they exist there, so hub ids pass unchanged).
 source "$(dirname "$0")/common.sh"
 
 if [ -z "${MODEL:-}" ]; then
@@ -29,6 +32,7 @@ else
                 --save_steps 2000 --dataloader_num_workers 4 --gradient_checkpointing True
                 --group_by_modality_length True)
 fi
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-sft}"
 if [ -f "$OUTPUT_DIR/model.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors.index.json" ]; then
     echo "[finetune] $OUTPUT_DIR is complete; delete it to train again"; exit 0
 fi

@@ -6,11 +6,14 @@
 #   VISION_TOWER   SigLIP checkpoint dir (e.g. siglip-base-patch16-384)
 #   DATA_PATH      caption data, LLaVA JSON (paper: ShareGPT4V-PT 1.2M for students, LLaVA-558k for teachers)
 #   IMAGE_FOLDER   image root of DATA_PATH
-#   OUTPUT_DIR     default ./checkpoints/llava-qwen-pretrain
+#   OUTPUT_DIR     default ./checkpoints/llava-qwen-pretrain (in the repository)
 #   NUM_GPUS       default: all visible GPUs (0 = CPU, plain python)
 #   DS_CONFIG      default ./scripts/zero2.json
 #   BATCH GRAD_ACC LR EPOCHS MAX_LEN   per-device batch (32), accumulation (1), lr (1e-3), epochs (1), 2048
 #   (paper, Table 12: global batch 256, lr 1e-3, cosine, warmup 0.03, bf16, ZeRO-2; e.g. 8 GPUs x 32)
+# Relative paths in MODEL VISION_TOWER DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG TINY_ROOT are taken from
+# your working directory (the script then runs from the repository root; MODEL VISION_TOWER only when they
+# exist there, so hub ids pass unchanged).
 source "$(dirname "$0")/common.sh"
 
 if [ -z "${MODEL:-}" ]; then
@@ -27,6 +30,7 @@ else
     STAGE_ARGS=(--tune_mm_mlp_adapter True --bf16 True --logging_steps 1 --save_steps 24000
                 --dataloader_num_workers 4 --gradient_checkpointing True)
 fi
+OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-pretrain}"
 if [ -f "$OUTPUT_DIR/mm_projector.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors" ]; then
     echo "[pretrain] $OUTPUT_DIR is complete; delete it to train again"; exit 0
 fi

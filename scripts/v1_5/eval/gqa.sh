@@ -14,9 +14,10 @@
 #
 # Usage: MODEL_PATH=./checkpoints/my-model GPULIST=0,1,2,3 bash scripts/v1_5/eval/gqa.sh
 # Env: MODEL_PATH (or CKPT): checkpoint folder or hub id; NAME: answers subfolder (default: basename
-#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
-#      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
-#      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
+#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default: the checkpoint's
+#      own template, config.conv_template); DATA_ROOT (default ./playground/data/eval); GPULIST:
+#      comma-separated GPU ids, one chunk of the questions per GPU (default: $CUDA_VISIBLE_DEVICES,
+#      else 0); PYTHON (default python). A failed chunk fails the script once the others have finished.
 source "$(dirname "$0")/common.sh"
 SPLIT=llava_gqa_testdev_balanced
 GQADIR=$DATA_ROOT/gqa
@@ -26,7 +27,7 @@ run_chunked llava.eval.model_vqa_loader "$ANSWER_DIR" \
     --image-folder "$GQADIR/data/images"
 output_file=$ANSWER_DIR/merge.jsonl
 
-$PYTHON -m llava.eval.eval_gqa \
+"$PYTHON" -m llava.eval.eval_gqa \
     --question-file "$GQADIR/data/testdev_balanced_questions.json" \
     --result-file "$output_file" \
     --convert-to "$GQADIR/data/testdev_balanced_predictions.json" \

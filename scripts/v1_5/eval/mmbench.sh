@@ -16,9 +16,10 @@
 #
 # Usage: MODEL_PATH=./checkpoints/my-model GPULIST=0,1,2,3 bash scripts/v1_5/eval/mmbench.sh
 # Env: MODEL_PATH (or CKPT): checkpoint folder or hub id; NAME: answers subfolder (default: basename
-#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
-#      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
-#      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
+#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default: the checkpoint's
+#      own template, config.conv_template); DATA_ROOT (default ./playground/data/eval); GPULIST:
+#      comma-separated GPU ids, one chunk of the questions per GPU (default: $CUDA_VISIBLE_DEVICES,
+#      else 0); PYTHON (default python). A failed chunk fails the script once the others have finished.
 source "$(dirname "$0")/common.sh"
 SPLIT=${SPLIT:-mmbench_dev_20230712}
 ALL_ROUNDS=${ALL_ROUNDS:-0}
@@ -34,7 +35,7 @@ run_chunked llava.eval.model_vqa_mmbench "$ANSWER_DIR" \
     $ROUNDS_FLAG
 output_file=$ANSWER_DIR/merge.jsonl
 
-$PYTHON -m llava.eval.eval_mmbench \
+"$PYTHON" -m llava.eval.eval_mmbench \
     --annotation-file "$MMBENCH/$SPLIT.tsv" \
     --result-file "$output_file" \
     --output-result "$ANSWER_DIR/result.json"

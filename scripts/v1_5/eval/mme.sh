@@ -15,9 +15,10 @@
 #
 # Usage: MODEL_PATH=./checkpoints/my-model GPULIST=0,1,2,3 bash scripts/v1_5/eval/mme.sh
 # Env: MODEL_PATH (or CKPT): checkpoint folder or hub id; NAME: answers subfolder (default: basename
-#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
-#      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
-#      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
+#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default: the checkpoint's
+#      own template, config.conv_template); DATA_ROOT (default ./playground/data/eval); GPULIST:
+#      comma-separated GPU ids, one chunk of the questions per GPU (default: $CUDA_VISIBLE_DEVICES,
+#      else 0); PYTHON (default python). A failed chunk fails the script once the others have finished.
 source "$(dirname "$0")/common.sh"
 MME=$DATA_ROOT/MME
 ANSWER_DIR=$MME/answers/$NAME
@@ -26,7 +27,7 @@ run_chunked llava.eval.model_vqa_loader "$ANSWER_DIR" \
     --image-folder "$MME/MME_Benchmark_release_version"
 output_file=$ANSWER_DIR/merge.jsonl
 
-$PYTHON -m llava.eval.eval_mme \
+"$PYTHON" -m llava.eval.eval_mme \
     --answers-file "$output_file" \
     --mme-root "$MME/MME_Benchmark_release_version" \
     --output-result "$ANSWER_DIR/result.json"

@@ -14,9 +14,10 @@
 #
 # Usage: MODEL_PATH=./checkpoints/my-model GPULIST=0,1,2,3 bash scripts/v1_5/eval/pope.sh
 # Env: MODEL_PATH (or CKPT): checkpoint folder or hub id; NAME: answers subfolder (default: basename
-#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
-#      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
-#      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
+#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default: the checkpoint's
+#      own template, config.conv_template); DATA_ROOT (default ./playground/data/eval); GPULIST:
+#      comma-separated GPU ids, one chunk of the questions per GPU (default: $CUDA_VISIBLE_DEVICES,
+#      else 0); PYTHON (default python). A failed chunk fails the script once the others have finished.
 source "$(dirname "$0")/common.sh"
 POPE=$DATA_ROOT/pope
 ANSWER_DIR=$POPE/answers/$NAME
@@ -25,7 +26,7 @@ run_chunked llava.eval.model_vqa_loader "$ANSWER_DIR" \
     --image-folder "$POPE/val2014"
 output_file=$ANSWER_DIR/merge.jsonl
 
-$PYTHON -m llava.eval.eval_pope \
+"$PYTHON" -m llava.eval.eval_pope \
     --annotation-dir "$POPE/coco" \
     --question-file "$POPE/llava_pope_test.jsonl" \
     --result-file "$output_file" \

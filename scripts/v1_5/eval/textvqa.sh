@@ -13,9 +13,10 @@
 #
 # Usage: MODEL_PATH=./checkpoints/my-model GPULIST=0,1,2,3 bash scripts/v1_5/eval/textvqa.sh
 # Env: MODEL_PATH (or CKPT): checkpoint folder or hub id; NAME: answers subfolder (default: basename
-#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default qwen_2);
-#      DATA_ROOT (default ./playground/data/eval); GPULIST: comma-separated GPU ids, one chunk of
-#      the questions per GPU (default: $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
+#      of MODEL_PATH); MODEL_BASE: base LLM of a LoRA checkpoint; CONV_MODE (default: the checkpoint's
+#      own template, config.conv_template); DATA_ROOT (default ./playground/data/eval); GPULIST:
+#      comma-separated GPU ids, one chunk of the questions per GPU (default: $CUDA_VISIBLE_DEVICES,
+#      else 0); PYTHON (default python). A failed chunk fails the script once the others have finished.
 source "$(dirname "$0")/common.sh"
 TEXTVQA=$DATA_ROOT/textvqa
 ANSWER_DIR=$TEXTVQA/answers/$NAME
@@ -24,7 +25,7 @@ run_chunked llava.eval.model_vqa_loader "$ANSWER_DIR" \
     --image-folder "$TEXTVQA/train_images"
 output_file=$ANSWER_DIR/merge.jsonl
 
-$PYTHON -m llava.eval.eval_textvqa \
+"$PYTHON" -m llava.eval.eval_textvqa \
     --annotation-file "$TEXTVQA/TextVQA_0.5.1_val.json" \
     --result-file "$output_file" \
     --output-result "$ANSWER_DIR/result.json"

@@ -10,7 +10,8 @@
 #      SPLIT: test or val; NAME: table row and answers subfolder (default: basename of CKPT);
 #      CONV_MODE (default: the checkpoint's conv_template); BATCH: questions per generate call (default 8);
 #      DEVICE: cuda or cpu (default: cuda when available); GPULIST: comma-separated GPU ids (default:
-#      $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python).
+#      $CUDA_VISIBLE_DEVICES, else 0); PYTHON (default python). A failed chunk fails the script once the
+#      others have finished.
 set -euo pipefail
 
 CKPT=${CKPT:-${MODEL_PATH:-./checkpoints/llava-qwen2-tiny-aligntI}}
@@ -28,7 +29,7 @@ if [ ! -f "$WORLD/${SPLIT}_questions.jsonl" ]; then
         "'python -m llava.tiny.preset prepare'" >&2; exit 1
 fi
 
-DEVICE=${DEVICE:-$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+DEVICE=${DEVICE:-$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 if [ "$DEVICE" = "cuda" ]; then GPULIST=${GPULIST:-${CUDA_VISIBLE_DEVICES:-0}}; else GPULIST=cpu; fi
 IFS=',' read -ra GPUS <<< "$GPULIST"
 CHUNKS=${#GPUS[@]}
@@ -38,7 +39,7 @@ mkdir -p "$ANSWER_DIR"
 pids=()
 for IDX in $(seq 0 $((CHUNKS-1))); do
     if [ "$DEVICE" = "cuda" ]; then export CUDA_VISIBLE_DEVICES=${GPUS[$IDX]}; fi
-    $PYTHON -m llava.eval.model_vqa_loader \
+    "$PYTHON" -m llava.eval.model_vqa_loader \
         --model-path "$CKPT" ${MODEL_BASE:+--model-base "$MODEL_BASE"} \
         --question-file "$WORLD/${SPLIT}_questions.jsonl" \
         --image-folder "$WORLD/images" \
@@ -51,7 +52,11 @@ for IDX in $(seq 0 $((CHUNKS-1))); do
         ${CONV_MODE:+--conv-mode "$CONV_MODE"} &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # stop here if any chunk failed
+failed=()
+for IDX in "${!pids[@]}"; do wait "${pids[$IDX]}" || failed+=("$IDX"); done  # every chunk ends first
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "chunk(s) ${failed[*]} of $CHUNKS failed: no merge, no score" >&2; exit 1
+fi
 
 output_file=$ANSWER_DIR/merge.jsonl
 > "$output_file"
@@ -59,7 +64,7 @@ for IDX in $(seq 0 $((CHUNKS-1))); do
     cat "$ANSWER_DIR/${CHUNKS}_${IDX}.jsonl" >> "$output_file"
 done
 
-$PYTHON -m llava.eval.eval_tiny \
+"$PYTHON" -m llava.eval.eval_tiny \
     --question-file "$WORLD/${SPLIT}_questions.jsonl" \
     --answers-file "$output_file" \
     --name "$NAME" \

@@ -1,0 +1,184 @@
+"""The shell entry points (`scripts/v1_5/*.sh`, `scripts/v1_5/eval/*.sh`), run with a stand-in python.
+
+`PYTHON` points to a stub (in a folder whose name has a space, so an unquoted "$PYTHON" breaks) that logs
+each call (argv, working directory, CUDA_VISIBLE_DEVICES) as a JSON line, writes the `--answers-file` of
+an answering chunk, and fails the chunk named by STUB_FAIL_CHUNK: nothing is trained or evaluated, so
+these tests take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts" / "v1_5"
+EVAL_SCRIPTS = ["gqa", "mmbench", "mme", "pope", "sqa", "textvqa", "tiny"]
+
+STUB = f"""#!{sys.executable}
+import json, os, sys, time
+from pathlib import Path
+
+argv = sys.argv[1:]
+record = {{"prog": Path(sys.argv[0]).name, "cwd": os.getcwd(), "argv": argv,
+          "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps(record) + "\\n")
+if "--chunk-idx" in argv:
+    chunk = argv[argv.index("--chunk-idx") + 1]
+    if chunk == os.environ.get("STUB_FAIL_CHUNK"):
+        sys.exit(3)
+    time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+    Path(argv[argv.index("--answers-file") + 1]).write_text(json.dumps({{"chunk": chunk}}) + "\\n")
+"""
+
+
+@pytest.fixture
+def stub(tmp_path: Path) -> Path:
+    """The stand-in python, and `deepspeed` beside it (the launcher looks for it next to python)."""
+    folder = tmp_path / "my bin"
+    folder.mkdir()
+    for name in ("python", "deepspeed"):
+        (folder / name).write_text(STUB)
+        (folder / name).chmod(0o755)
+    return folder / "python"
+
+
+def run(script: Path, cwd: Path, stub: Path, **env: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run `script` from `cwd` with the stub as PYTHON; its result and the stub's calls."""
+    log = stub.parent / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    full_env = {
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(cwd)), "PYTHON": str(stub),
+        "STUB_LOG": str(log), "NUM_GPUS": "0", **env,
+    }  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(script)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+    )
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+REAL_SCALE = {"MODEL": "/models/student", "VISION_TOWER": "/models/siglip", "DATA_PATH": "/data/mix.json",
+              "IMAGE_FOLDER": "/data/images", "PRETRAIN_DIR": "/ckpt/pretrain", "TEACHER": "/models/teacher"}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize(
+    "script, default",
+    [("pretrain.sh", "llava-qwen-pretrain"), ("finetune.sh", "llava-qwen-sft"),
+     ("distill_aligntI.sh", "llava-qwen-aligntI")],
+)  # fmt: skip
+def test_real_scale_scripts_default_their_output_dir(stub, tmp_path, script, default):
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **REAL_SCALE)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call["cwd"] == str(ROOT)  # the scripts run from the repository root...
+    assert flag(call["argv"], "--output_dir") == f"./checkpoints/{default}"  # ...so the default is there
+    assert "--use_cpu" in call["argv"]
+
+
+@pytest.mark.parametrize("script", ["pretrain.sh", "finetune.sh", "distill_aligntI.sh"])
+def test_relative_paths_are_taken_from_the_callers_directory(stub, tmp_path, script):
+    caller = tmp_path / "work dir"
+    (caller / "teacher").mkdir(parents=True)
+    (caller / "siglip").mkdir()
+    env = {
+        "MODEL": "Qwen/Qwen2-0.5B",  # a hub id: no such folder here, passed unchanged
+        "TEACHER": "teacher", "VISION_TOWER": "./siglip", "DATA_PATH": "my data/mix.json",
+        "IMAGE_FOLDER": "imgs", "OUTPUT_DIR": "./out", "PRETRAIN_DIR": "../pre", "DS_CONFIG": "ds.json",
+        "NUM_GPUS": "2",
+    }  # fmt: skip
+    proc, calls = run(SCRIPTS / script, caller, stub, **env)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    argv = call["argv"]
+    assert call["prog"] == "deepspeed" and call["cwd"] == str(ROOT)
+    assert argv[:2] == ["--num_gpus", "2"] and flag(argv, "--deepspeed") == f"{caller}/ds.json"
+    assert flag(argv, "--model_name_or_path") == "Qwen/Qwen2-0.5B"
+    assert flag(argv, "--vision_tower") == f"{caller}/siglip"
+    assert flag(argv, "--data_path") == f"{caller}/my data/mix.json"
+    assert flag(argv, "--image_folder") == f"{caller}/imgs"
+    assert flag(argv, "--output_dir") == f"{caller}/out"
+    if script != "pretrain.sh":
+        assert flag(argv, "--pretrain_mm_mlp_adapter") == f"{caller}/../pre/mm_projector.safetensors"
+    if script == "distill_aligntI.sh":
+        assert flag(argv, "--teacher_model_path") == f"{caller}/teacher"
+
+
+@pytest.mark.parametrize(
+    "distill_args",
+    [
+        '--irs_path "/a b/irs.json" --w_tpa 0',
+        "--note 'it is' --x \"q\\\"uote\" back\\ slash '' --last",
+        "  --w_iva 0\t--divergence   rkl  ",
+        "--note $(touch PWNED) `touch PWNED2` $HOME",  # nothing is expanded or executed
+        "",
+    ],
+)
+def test_distill_args_split_like_a_shell(stub, tmp_path, distill_args):
+    proc, calls = run(SCRIPTS / "distill_aligntI.sh", tmp_path, stub, DISTILL_ARGS=distill_args, **REAL_SCALE)
+    assert proc.returncode == 0, proc.stderr
+    argv = calls[0]["argv"]
+    tail = argv[argv.index("--group_by_modality_length") + 2 :]  # DISTILL_ARGS come last
+    assert tail == shlex.split(distill_args)
+    assert not list(ROOT.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
+
+
+def test_distill_args_with_an_unmatched_quote_fail(stub, tmp_path):
+    proc, calls = run(
+        SCRIPTS / "distill_aligntI.sh", tmp_path, stub, DISTILL_ARGS='--irs_path "/a b', **REAL_SCALE
+    )
+    assert proc.returncode != 0 and "unmatched" in proc.stderr and not calls
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _eval_env(tmp_path: Path, script: str, gpus: str) -> dict[str, str]:
+    if script == "tiny":
+        world = tmp_path / "world"
+        world.mkdir(exist_ok=True)
+        (world / "test_questions.jsonl").write_text("{}\n")
+        (tmp_path / "ckpt").mkdir(exist_ok=True)
+        return {"CKPT": str(tmp_path / "ckpt"), "WORLD": str(world), "DEVICE": "cuda", "GPULIST": gpus}
+    return {"MODEL_PATH": "/ckpt/my-model", "DATA_ROOT": str(tmp_path / "data"), "GPULIST": gpus}
+
+
+@pytest.mark.parametrize("script", EVAL_SCRIPTS)
+@pytest.mark.parametrize("conv_mode", [None, "qwen_3"])
+def test_eval_scripts_use_the_checkpoints_template_unless_told(stub, tmp_path, script, conv_mode):
+    env = _eval_env(tmp_path, script, "0,1")
+    if conv_mode:
+        env["CONV_MODE"] = conv_mode
+    proc, calls = run(SCRIPTS / "eval" / f"{script}.sh", tmp_path, stub, **env)
+    assert proc.returncode == 0, proc.stderr
+    chunks = [c for c in calls if "--chunk-idx" in c["argv"]]
+    assert sorted(c["cuda"] for c in chunks) == ["0", "1"]
+    for call in chunks:
+        assert ("--conv-mode" in call["argv"]) == bool(conv_mode)
+        if conv_mode:
+            assert flag(call["argv"], "--conv-mode") == conv_mode
+    (score,) = [c for c in calls if "--chunk-idx" not in c["argv"]]
+    assert score["argv"][1].startswith("llava.eval.eval_")
+    merged = next(tmp_path.rglob("merge.jsonl")).read_text().splitlines()
+    assert [json.loads(line)["chunk"] for line in merged] == ["0", "1"]
+
+
+@pytest.mark.parametrize("script", ["gqa", "tiny"])
+def test_a_failed_chunk_fails_the_script_after_the_others_finish(stub, tmp_path, script):
+    env = {**_eval_env(tmp_path, script, "0,1,2"), "STUB_FAIL_CHUNK": "0", "STUB_SLEEP": "1"}
+    proc, calls = run(SCRIPTS / "eval" / f"{script}.sh", tmp_path, stub, **env)
+    assert proc.returncode != 0 and "chunk(s) 0 of 3 failed" in proc.stderr
+    # The other chunks had finished (their answers were written a second later) when the script ended.
+    assert sorted(p.name for p in tmp_path.rglob("3_*.jsonl")) == ["3_1.jsonl", "3_2.jsonl"]
+    assert all("--chunk-idx" in c["argv"] for c in calls)  # no scorer
+    assert not list(tmp_path.rglob("merge.jsonl"))
