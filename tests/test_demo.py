@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava.constants import TokenType
+from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 from llava.conversation import get_conv_template, tokenize_conversation
 from llava.serve.focus import (
     default_focus_layer,
@@ -119,6 +119,14 @@ def test_focus_layer_resolution(tmp_path, tokenizer):
     assert resolve_focus_layer("auto", model, tmp_path) == 3
     with pytest.raises(ValueError, match="out of range"):
         resolve_focus_layer(4, model)
+
+
+@pytest.mark.parametrize("has_image", [True, False])
+def test_typed_image_placeholder_is_dropped(tokenizer, has_image):
+    """A user who types "<image>" gets their question answered, not an image-count error."""
+    history = [["What is <image> here?", "a circle"], ["<image>\nAnd now?", None]]
+    input_ids, _, _ = tokenize_conversation(build_conversation("qwen_2", history, has_image=has_image), tokenizer)
+    assert int((input_ids == IMAGE_TOKEN_INDEX).sum()) == int(has_image)
 
 
 def test_last_question_types_keep_only_the_last_question(tokenizer):

@@ -45,6 +45,7 @@ def main(args: argparse.Namespace) -> None:
         if not message:
             print("exit...")
             break
+        message = message.replace(DEFAULT_IMAGE_TOKEN, "")  # the image is attached below, never typed
         if image_tensor is not None and not conv.messages:  # the image goes with the first turn only
             message = DEFAULT_IMAGE_TOKEN + "\n" + message
         conv.append_message(user, message)

@@ -157,9 +157,11 @@ def build_conversation(
     conv_mode: str, history: list[list[str | None]], has_image: bool, generation_prompt: bool = True
 ) -> Conversation:
     """The conversation of `history`, the image token in the first user turn; with `generation_prompt` the
-    last turn's answer is left open for the model."""
+    last turn's answer is left open for the model. A literal `<image>` typed by the user is dropped: the page
+    attaches the image, and an extra placeholder would ask for an image that is not there."""
     conv = get_conv_template(conv_mode)
     for i, (question, answer) in enumerate(history):
+        question = question.replace(DEFAULT_IMAGE_TOKEN, "")
         conv.append_message(
             conv.roles[0], f"{DEFAULT_IMAGE_TOKEN}\n{question}" if has_image and i == 0 else question
         )
