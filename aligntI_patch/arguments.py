@@ -15,7 +15,11 @@ _DIVERGENCE_FLAGS = "temperature is --kd_temperature, beta --jsd_beta, alpha --s
 
 @dataclass
 class DistillArguments(TrainingArguments):
-    teacher_model_path: str | None = field(default=None, metadata={"help": "Local LLaVA-Qwen teacher checkpoint"})
+    teacher_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Local LLaVA-Qwen teacher checkpoint; needed (and loaded) only when --w_kd, --w_iva or "
+                          "--w_tpa is on"},
+    )
     teacher_attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Teacher LLM attention: sdpa, eager, flash_attention_2 or flex_attention (default: sdpa). "
@@ -57,7 +61,7 @@ class DistillArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.teacher_model_path and (self.w_kd or self.w_iva or self.w_tpa or self.on_policy_prob):
+        if not self.teacher_model_path and self.needs_teacher:
             raise ValueError("--teacher_model_path is required unless only --w_sft is used")
         impl = self.teacher_attn_implementation
         if impl is not None and impl not in ATTN_IMPLEMENTATIONS:
@@ -88,10 +92,21 @@ class DistillArguments(TrainingArguments):
             raise ValueError(f"--tpa_top_p must lie in (0, 1], got {self.tpa_top_p}")
         if self.tpa_temperature <= 0 or self.kd_temperature <= 0:
             raise ValueError("--tpa_temperature and --kd_temperature must be > 0")
+        if not (self.w_sft or self.needs_teacher):
+            raise ValueError("All of --w_sft, --w_kd, --w_iva, --w_tpa are 0: there is no loss to train on")
         if not 0 <= self.on_policy_prob <= 1:
             raise ValueError(f"--on_policy_prob must lie in [0, 1], got {self.on_policy_prob}")
+        if self.on_policy_prob and not self.needs_teacher:
+            # generation needs only the student, but SFT on the student's own samples has zero expected gradient
+            raise ValueError("--on_policy_prob needs a teacher term (--w_kd, --w_iva or --w_tpa > 0): with "
+                             "--w_sft alone the student would be trained on its own samples")
         if self.loss_chunk_size < 1:
             raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
+
+    @property
+    def needs_teacher(self) -> bool:
+        """A term that reads the teacher is on (SFT alone, the student's own pass, needs none)."""
+        return bool(self.w_kd or self.w_iva or self.w_tpa)
 
     @property
     def divergence_kwargs(self) -> dict:

@@ -4,9 +4,13 @@
         --vision_tower SIGLIP --pretrain_mm_mlp_adapter PROJ --data_path D.json --image_folder IMGS
         --version qwen_2 --output_dir OUT [--w_kd 1 --w_iva 1 --w_tpa 1 --divergence fkl ...]
 
-Baselines are flags of the same entry (see README): SFT (`--w_kd 0 --w_iva 0 --w_tpa 0`), vanilla KD
-(`--w_iva 0 --w_tpa 0`), MiniLLM-style reverse KL (`--divergence rkl`), JSD (`--divergence jsd`), GKD-style
-on-policy (`--on_policy_prob 0.5`), uniform visual alignment (`--iva_weight_source uniform`), IVA only, TPA only.
+Baselines are flags of the same entry (see README): SFT (`--w_kd 0 --w_iva 0 --w_tpa 0`; no teacher is needed
+or loaded), vanilla KD (`--w_iva 0 --w_tpa 0`), MiniLLM-style reverse KL (`--divergence rkl`), JSD
+(`--divergence jsd`), GKD-style on-policy (`--on_policy_prob 0.5`, with a teacher term), uniform visual alignment
+(`--iva_weight_source uniform`), IVA only, TPA only.
+
+Resuming (the newest complete checkpoint-N of OUTPUT_DIR) reuses the run's OUTPUT_DIR/irs.json for
+`--iva_layer auto` rather than recomputing IRS.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
 from llava.train.data import make_supervised_data_module
+from llava.train.llava_trainer import last_complete_checkpoint
 from llava.train.lora import apply_lora
 from llava.train.train import (
     build_model,
@@ -102,6 +107,14 @@ def choose_iva_layer(args: DistillArguments, data_args: DataArguments, model_arg
     irs_path = args.irs_path or os.path.join(model_dir, "irs.json")  # --irs_path exists (DistillArguments)
     if os.path.isfile(irs_path):
         return select_iva_layer("auto", model, irs_path=irs_path, name=name)
+    written = os.path.join(args.output_dir, "irs.json")
+    resume = last_complete_checkpoint(args.output_dir)
+    if resume and os.path.isfile(written):
+        # IRS again could pick another layer on near-tie scores (nondeterministic GPU kernels): keep the run's own
+        layer = select_iva_layer("auto", model, irs_path=written, name=name)
+        logger.info("Resuming from %s: IVA layer %d from this run's %s (IRS not recomputed)", resume, layer,
+                    written)
+        return layer
     a, b, n = load_paired_batches(tokenizer, image_processor, model, data_args.data_path, data_args.image_folder,
                                   model_args.version, args.irs_num_pairs, batch_size=8, seed=args.seed,
                                   context_len=args.model_max_length)
@@ -120,19 +133,25 @@ def main() -> None:
 
     # ZeRO-3: both load whole on the CPU; DeepSpeed moves them to the GPU one shard at a time when it wraps them
     check_full_save(args, not args.lora_enable)
+    if args.teacher_model_path and not args.needs_teacher:
+        logger.warning("--teacher_model_path is not loaded: no teacher term is on (SFT only)")
+    teacher = teacher_engine = None
     with whole_weights(args):
         student = build_model(model_args, args)
-        teacher_tok, teacher = load_teacher(args, torch.device("cpu") if zero3_enabled(args) else args.device)
+        if args.needs_teacher:
+            teacher_tok, teacher = load_teacher(args, torch.device("cpu") if zero3_enabled(args) else args.device)
     set_trainable(student, model_args, args)
     if args.lora_enable:
         student = apply_lora(student, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias)
     tokenizer = build_tokenizer(model_args, args, student)
     image_processor = load_image_processor(model_args.vision_tower or student.get_vision_tower().config)
     record_config(student, model_args, data_args, args)
-    vocab_size = check_pair(student, teacher, tokenizer, teacher_tok, args, model_args.model_name_or_path)
-    # DeepSpeed: the teacher in an inference engine (ZeRO-3: partitioned), which must live as long as training
-    # (its __del__ removes the hooks that gather the weights); without DeepSpeed unchanged
-    teacher, teacher_engine = prepare_teacher(teacher, args)
+    vocab_size = len(tokenizer)
+    if teacher is not None:
+        vocab_size = check_pair(student, teacher, tokenizer, teacher_tok, args, model_args.model_name_or_path)
+        # DeepSpeed: the teacher in an inference engine (ZeRO-3: partitioned), which must live as long as training
+        # (its __del__ removes the hooks that gather the weights); without DeepSpeed unchanged
+        teacher, teacher_engine = prepare_teacher(teacher, args)
     iva_layer = choose_iva_layer(args, data_args, model_args, student, teacher, tokenizer, image_processor)
     data_module = make_supervised_data_module(
         tokenizer, data_args, args, image_processor, student.num_image_tokens, model_args.version

@@ -14,6 +14,12 @@ Design choices:
 - The term sums run as the student's forward called through its DeepSpeed engine or DDP wrapper, so the
   wrapper's bookkeeping runs as for `model(**inputs)`. Under ZeRO-3 the teacher is partitioned too
   (`zero3.py`), directly read lm_head weights are gathered, and every rank calls the same modules in order.
+- Resume is exact: each checkpoint holds every process's sampling state (TPA's candidate generator, which lives
+  on the device of the logits it samples, and the on-policy draws) in `sampling_state_{rank}.pth`. On-policy
+  generation runs on its own seeded torch stream, so it never touches the global RNG that HF restores after
+  the first resumed step's batches are fetched.
+- Logs: `loss_<term>`, `tokens_response` and `samples_image` are per optimizer step, means over the logging
+  window (global counts: all micro-batches and processes).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 
 import torch
@@ -37,12 +44,24 @@ from llava.train.llava_trainer import LLaVATrainer
 
 logger = logging.getLogger(__name__)
 TERMS = ("sft", "kd", "iva", "tpa")
+COUNTS = ("tokens_response", "samples_image")
+
+
+def sampling_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """TPA's candidate generator, on `device`: torch.multinomial needs its generator where the logits are."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def batch_counts(batch: dict) -> torch.Tensor:
+    """[response tokens predicted, samples with an image] of one micro-batch: the terms' normalisers."""
+    return torch.stack([prediction_rows(batch["labels"])[0].sum(),
+                        (batch["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum()]).float()  # (2,)
 
 
 class AlignTITrainer(LLaVATrainer):
-    def __init__(self, *args, teacher: nn.Module, iva_layer: int, vocab_size: int, **kwargs):
+    def __init__(self, *args, teacher: nn.Module | None, iva_layer: int, vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None  # None: SFT only
         hold_lm_head(self.model, self.args)
         self.iva_layer = iva_layer
         self.vocab_size = vocab_size
@@ -50,11 +69,35 @@ class AlignTITrainer(LLaVATrainer):
         self.weights = {"sft": a.w_sft, "kd": a.w_kd, "iva": a.w_iva, "tpa": a.w_tpa}
         self.tpa_cfg = TPAConfig(d=a.tpa_num_samples, strategy=a.tpa_sampling, top_p=a.tpa_top_p,
                                  temperature=a.tpa_temperature, dedupe=a.tpa_dedupe, chunk_size=a.loss_chunk_size)
-        self.generator = torch.Generator().manual_seed(a.seed)
+        # the student's logits live on the training device (HF or DeepSpeed moves the model there)
+        self.generator = sampling_generator(a.device, a.seed)
         self.on_policy_rng = random.Random(a.seed)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by global counts itself
         self.global_counts = {"response": 1.0, "images": 1.0}
-        self.term_log: dict[str, float] = {}
+        self.log_keys = [f"loss_{k}" for k in TERMS if self.weights[k] > 0] + list(COUNTS)
+        self.log_sums: torch.Tensor | None = None  # (len(log_keys),) this process's shares since the last log
+        self.log_window_start = 0  # global step before the window's first step (set at its first micro-batch)
+
+    # -- resume -----------------------------------------------------------------------------------------------
+    def sampling_state_path(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"sampling_state_{self.args.process_index}.pth")
+
+    def save_resume_state(self, checkpoint: str) -> None:
+        """Also this process's sampling state; get_state() is a CPU byte tensor on any device."""
+        super().save_resume_state(checkpoint)
+        state = {"tpa": self.generator.get_state(), "on_policy": self.on_policy_rng.getstate()}
+        torch.save(state, self.sampling_state_path(checkpoint))
+
+    def load_resume_state(self, checkpoint: str) -> None:
+        super().load_resume_state(checkpoint)
+        path = self.sampling_state_path(checkpoint)
+        if not os.path.isfile(path):
+            logger.warning("%s is missing (a checkpoint from before it was saved, or fewer processes): TPA and "
+                           "on-policy sampling restart from --seed, so the resumed run is not exact", path)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.generator.set_state(state["tpa"])
+        self.on_policy_rng.setstate(state["on_policy"])
 
     # -- normalisation ------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -62,10 +105,7 @@ class AlignTITrainer(LLaVATrainer):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.args.on_policy_prob:  # before counting, so that on-policy tokens are normalised by their own count
             batches = [self.maybe_on_policy(b) for b in batches]
-        counts = torch.zeros(2, device=device)
-        for b in batches:
-            counts[0] += prediction_rows(b["labels"])[0].sum()
-            counts[1] += (b["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum()
+        counts = sum((batch_counts(b).to(device) for b in batches), torch.zeros(2, device=device))
         if self.args.world_size > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)
         self.global_counts = {"response": max(float(counts[0]), 1.0), "images": max(float(counts[1]), 1.0)}
@@ -75,12 +115,18 @@ class AlignTITrainer(LLaVATrainer):
         """GKD baseline: with probability `on_policy_prob`, the batch's responses sampled from the student.
 
         The seeded draw is the same on every process, so all ranks generate together, and a text-only batch
-        still runs the vision path (ZeRO-3 needs both: every module call is a collective)."""
+        still runs the vision path (ZeRO-3 needs both: every module call is a collective). Sampling runs on a
+        forked torch RNG seeded from `on_policy_rng` (per rank), so a resumed run samples the same replies."""
         if self.on_policy_rng.random() >= self.args.on_policy_prob:
             return batch
+        seed = self.on_policy_rng.randrange(2**32) + self.args.process_index
         student = self.accelerator.unwrap_model(self.model)
         blank = needs_blank_image(batch.get("images"), self.args)
-        return on_policy_batch(student, batch, self.processing_class, self.args.on_policy_max_new_tokens, blank)
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return on_policy_batch(student, batch, self.processing_class, self.args.on_policy_max_new_tokens,
+                                   blank)
 
     # -- the loss -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -91,8 +137,11 @@ class AlignTITrainer(LLaVATrainer):
         scale = {"sft": "response", "kd": "response", "tpa": "response", "iva": "images"}
         terms = {k: v / self.global_counts[scale[k]] for k, v in sums.items()}
         total = sum(self.weights[k] * terms[k] for k in terms)
-        for k, v in terms.items():
-            self.term_log[k] = self.term_log.get(k, 0.0) + float(v.detach())
+        if self.log_sums is None:  # first micro-batch since the last log (or since the start / the resume)
+            self.log_window_start = self.state.global_step
+            self.log_sums = torch.zeros(len(self.log_keys), device=total.device)
+        term_shares = torch.stack([terms[k].detach().float() for k in TERMS if k in terms])
+        self.log_sums += torch.cat([term_shares, batch_counts(inputs).to(total.device)])
         if self.args.world_size > 1 and self.args.average_tokens_across_devices:
             total = total * self.args.world_size  # data parallelism averages gradients; counts are global
         return (total, None) if return_outputs else total
@@ -156,18 +205,14 @@ class AlignTITrainer(LLaVATrainer):
         return sums
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Each term on its own (mean over the micro-batches since the last log), beside HF's total loss."""
-        if "loss" in logs and self.term_log:
-            steps = max(self.state.global_step - getattr(self, "_last_term_log_step", 0), 1)
-            # per-micro-batch and per-process shares of a step add up to the step's term
-            shares = torch.tensor(list(self.term_log.values()), device=self.args.device)
+        """Beside HF's total loss: each term and the global counts, per optimizer step, means over the window."""
+        if "loss" in logs and self.log_sums is not None:
+            steps = max(self.state.global_step - self.log_window_start, 1)
+            # per-micro-batch and per-process shares of a step add up to the step's term (and global count)
+            sums = self.log_sums
             if self.args.world_size > 1:
-                shares = self.accelerator.reduce(shares, reduction="sum")
-            for k, v in zip(self.term_log, shares.tolist()):
-                logs[f"loss_{k}"] = round(v / steps, 4)
-            logs["tokens_response"] = self.global_counts["response"]
-            logs["samples_image"] = self.global_counts["images"]
-            self.term_log = {}
-            self._last_term_log_step = self.state.global_step
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            for k, v in zip(self.log_keys, sums.tolist()):
+                logs[k] = round(v / steps, 4)
+            self.log_sums = None
         super().log(logs, *args, **kwargs)
-

@@ -1,8 +1,11 @@
 """Align-TI trainer: normalisation under accumulation, every term goes down, errors before training, runs."""
 
+import functools
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,13 +45,13 @@ def _args(tmp_path, teacher, **kw):
     return DistillArguments(**base)
 
 
-def _trainer(args, student_path, tokenizer, mini_world):
+def _trainer(args, student_path, tokenizer, mini_world, data_path=None):
     from llava.model.builder import load_pretrained_model
 
     _, student, processor, _ = load_pretrained_model(str(student_path), device="cpu")
     student.train()
-    _, teacher = load_teacher(args, torch.device("cpu"))
-    data = LazySupervisedDataset(str(mini_world / "finetune.json"), tokenizer, processor,
+    teacher = load_teacher(args, torch.device("cpu"))[1] if args.needs_teacher else None
+    data = LazySupervisedDataset(str(data_path or mini_world / "finetune.json"), tokenizer, processor,
                                  str(mini_world / "images"), "qwen_2", 256, student.num_image_tokens)
     return AlignTITrainer(model=student, args=args, processing_class=tokenizer, teacher=teacher, iva_layer=1,
                           vocab_size=len(tokenizer), train_dataset=data,
@@ -268,3 +271,169 @@ def test_on_policy_tokens_are_counted_in_the_global_normaliser(tmp_path, pair, t
     trainer.train()  # the whole step runs on the substituted batches
     assert trainer.state.global_step == 1 and all(math.isfinite(v) for v in trainer.state.log_history[0].values()
                                                   if isinstance(v, float))
+
+
+def _trained_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.parametrize("flags", [
+    {"tpa_sampling": "nucleus"},  # TPA candidates drawn from the trainer's generator
+    {"w_iva": 0.0, "w_tpa": 0.0, "on_policy_prob": 0.5, "on_policy_max_new_tokens": 8},  # on-policy draws
+], ids=["nucleus", "on_policy"])
+def test_resume_is_exact(tmp_path, pair, tokenizer, mini_world, flags):
+    """A run resumed from checkpoint-2 logs the same steps and ends with the same weights, bitwise, as the run
+    left uninterrupted: the sampling states travel in the checkpoint, and the first log after the resume
+    averages over its own window (it divided by the global step, i.e. 3x too small at step 3)."""
+    student_path, teacher_path = pair
+    run = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2, **flags)
+    straight = _trainer(_args(tmp_path / "a", teacher_path, **run), student_path, tokenizer, mini_world)
+    straight.train()
+    resumed = _trainer(_args(tmp_path / "b", teacher_path, **run), student_path, tokenizer, mini_world)
+    checkpoint = Path(resumed.args.output_dir) / "checkpoint-2"
+    shutil.copytree(Path(straight.args.output_dir) / "checkpoint-2", checkpoint)  # a run killed after its save
+    assert (checkpoint / "sampling_state_0.pth").is_file()
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    def logged(trainer) -> dict[int, dict]:
+        return {e["step"]: {k: v for k, v in e.items() if k.startswith(("loss", "tokens", "samples"))}
+                for e in trainer.state.log_history if "loss" in e}
+
+    assert logged(resumed) == logged(straight)
+    assert set(logged(resumed)) == {1, 2, 3, 4}
+    weights, expected = _trained_weights(resumed), _trained_weights(straight)
+    for k, v in expected.items():
+        torch.testing.assert_close(weights[k], v, atol=0, rtol=0, msg=k)
+
+
+def test_logs_are_window_means_and_count_zero_images(tmp_path, pair, tokenizer, mini_world):
+    """--logging_steps 2: every logged value is a per-step mean over the window (the counts used to be the last
+    step's), and a window without images logs samples_image 0 (it was floored at 1)."""
+    student_path, _ = pair
+    text_only = [r for r in json.loads((mini_world / "finetune.json").read_text()) if "image" not in r][:4]
+    for r, n in zip(text_only, (12, 4)):  # two long replies: any two batches of two differ in response tokens
+        r["conversations"][1]["value"] = " ".join(["cyan"] * n)
+    data_path = tmp_path / "text.json"
+    data_path.write_text(json.dumps(text_only))
+    args = _args(tmp_path, None, w_kd=0.0, w_iva=0.0, w_tpa=0.0, max_steps=2, logging_steps=2,
+                 per_device_train_batch_size=2)
+    trainer = _trainer(args, student_path, tokenizer, mini_world, data_path)
+    per_step = []
+    fetch = trainer.get_batch_samples
+
+    def counted(*a, **kw):
+        out = fetch(*a, **kw)
+        per_step.append(trainer.global_counts["response"])
+        return out
+
+    trainer.get_batch_samples = counted
+    trainer.train()
+    (log,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(per_step) == 2 and per_step[0] != per_step[1]  # the mean differs from either step's count
+    assert log["tokens_response"] == pytest.approx(sum(per_step) / 2)
+    assert log["samples_image"] == 0
+    assert log["loss_sft"] == pytest.approx(log["loss"], abs=1e-4)  # SFT only: the term is HF's window mean
+
+
+def test_sft_runs_without_a_teacher(tmp_path, pair, mini_world, monkeypatch):
+    """SFT (every teacher term off) needs no --teacher_model_path and loads no teacher; on-policy alone is refused."""
+    from aligntI_patch import distill
+
+    student_path, teacher_path = pair
+    assert not _args(tmp_path, None, w_kd=0.0, w_iva=0.0, w_tpa=0.0).needs_teacher
+    with pytest.raises(ValueError, match="--on_policy_prob needs a teacher term"):
+        _args(tmp_path, teacher_path, w_kd=0.0, w_iva=0.0, w_tpa=0.0, on_policy_prob=0.5)
+    with pytest.raises(ValueError, match="no loss"):
+        _args(tmp_path, teacher_path, w_sft=0.0, w_kd=0.0, w_iva=0.0, w_tpa=0.0)
+    out = tmp_path / "sft"
+    cmd = _cmd(student_path, teacher_path, mini_world, out, "--max_steps", "1", "--save_strategy", "no",
+               "--w_kd", "0", "--w_iva", "0", "--w_tpa", "0")
+    i = cmd.index("--teacher_model_path")
+    monkeypatch.setattr(sys, "argv", ["distill", *cmd[2:i], *cmd[i + 2:]])
+    distill.main()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and "loss_sft" in state["log_history"][0]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_sampling_generator_lives_with_the_logits(tmp_path, pair, tokenizer, mini_world):
+    """TPA's generator is made on the training device (multinomial on CUDA logits needs a CUDA generator), and
+    its state round-trips through a checkpoint on any device (get_state is CPU bytes)."""
+    from aligntI_patch.candidates import sample_from_logits
+    from aligntI_patch.trainer import sampling_generator
+
+    student_path, teacher_path = pair
+    trainer = _trainer(_args(tmp_path, teacher_path), student_path, tokenizer, mini_world)
+    assert trainer.generator.device == trainer.args.device == torch.device("cpu")
+    devices = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    for device in devices:
+        trainer.generator = sampling_generator(torch.device(device), 0)
+        logits = torch.randn(5, 40, device=device)
+        sample_from_logits(logits, 4, "nucleus", generator=trainer.generator)
+        trainer.save_resume_state(str(tmp_path))
+        after_save = sample_from_logits(logits, 4, "nucleus", generator=trainer.generator)
+        trainer.load_resume_state(str(tmp_path))
+        assert torch.equal(sample_from_logits(logits, 4, "nucleus", generator=trainer.generator), after_save)
+
+
+def test_iva_layer_auto_is_read_back_on_resume(tmp_path, pair, tokenizer, mini_world, caplog):
+    """A resumed run takes the IVA layer from the irs.json it wrote, not from IRS recomputed (near ties on a GPU
+    could pick another layer); without a checkpoint to resume, IRS is computed afresh."""
+    from llava.model.builder import load_pretrained_model
+    from llava.train.arguments import DataArguments, ModelArguments
+
+    student_path, teacher_path = pair
+    _, student, processor, _ = load_pretrained_model(str(student_path), device="cpu")
+    args = _args(tmp_path, teacher_path, irs_num_pairs=4, iva_layer="auto")
+    _, teacher = load_teacher(args, torch.device("cpu"))
+    data_args = DataArguments(data_path=str(mini_world / "finetune.json"), image_folder=str(mini_world / "images"))
+    model_args = ModelArguments(model_name_or_path=str(student_path), version="qwen_2")
+    choose = functools.partial(choose_iva_layer, args, data_args, model_args, student, teacher, tokenizer, processor)
+    computed = choose()
+    out = Path(args.output_dir)
+    written = json.loads((out / "irs.json").read_text())
+    other = (computed + 1) % 3
+    (out / "irs.json").write_text(json.dumps({**written, "best_layer": other}))
+    assert choose() == computed  # no checkpoint: a fresh start computes IRS (and rewrites irs.json)
+    (out / "irs.json").write_text(json.dumps({**written, "best_layer": other}))
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with caplog.at_level(logging.INFO, logger="aligntI_patch.distill"):
+        assert choose() == other
+    assert "IRS not recomputed" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_exact(tmp_path, pair, mini_world):
+    """torchrun x2 (DDP, gloo) with nucleus TPA and on-policy draws: resumed from checkpoint-2 (each rank's
+    sampling state, the run's irs.json), the run logs and ends bitwise as the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    student_path, teacher_path = pair
+
+    def distill(out: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               *_cmd(student_path, teacher_path, mini_world, out, "--max_steps", "4", "--save_steps", "2",
+                     "--tpa_sampling", "nucleus", "--on_policy_prob", "0.5", "--on_policy_max_new_tokens", "6")]
+        run = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    distill(straight)
+    assert {p.name for p in (straight / "checkpoint-2").glob("sampling_state_*")} == {
+        "sampling_state_0.pth", "sampling_state_1.pth"}
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # a run killed after its save
+    shutil.copy(straight / "irs.json", resumed / "irs.json")
+    run = distill(resumed)
+    assert "IRS not recomputed" in run.stderr + run.stdout
+
+    def logged(out: Path) -> dict[int, dict]:
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return {e["step"]: {k: v for k, v in e.items() if k.startswith(("loss", "tokens", "samples"))}
+                for e in history if "loss" in e}
+
+    assert logged(resumed) == logged(straight) and set(logged(straight)) == {1, 2, 3, 4}
+    weights, expected = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
+    for k, v in expected.items():
+        torch.testing.assert_close(weights[k], v, atol=0, rtol=0, msg=k)

@@ -275,3 +275,45 @@ def test_image_delimiter_flags_are_refused(tokenizer, flag):
     setattr(config, flag, True)
     with pytest.raises(ValueError, match="not supported"):
         type(mini_llava(tokenizer))(config)
+
+
+def test_lora_run_resumes_with_its_projector(tmp_path, start_ckpt, mini_world):
+    """LoRA: HF's checkpoint holds only the adapter, so the projector (a non-LoRA trainable) travels beside it in
+    non_lora_trainables.bin; a run resumed from checkpoint-2 ends bitwise where the uninterrupted one does (the
+    projector used to restart from its initial weights: 0.04 away)."""
+    import shutil
+
+    from llava.train.data import DataCollatorForSupervisedDataset, LazySupervisedDataset
+    from llava.train.llava_trainer import LLaVATrainer
+    from llava.train.lora import apply_lora
+    from llava.train.train import set_trainable
+
+    def trainer(out):
+        args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=4, save_steps=2,
+                                 save_strategy="steps", per_device_train_batch_size=2, learning_rate=1e-2,
+                                 lora_enable=True, lora_r=4, lora_alpha=8, dataloader_num_workers=0,
+                                 disable_tqdm=True, logging_steps=1, seed=0)
+        tokenizer, model, processor, _ = load_pretrained_model(str(start_ckpt), device="cpu")
+        set_trainable(model, ModelArguments(model_name_or_path=str(start_ckpt), version="qwen_2"), args)
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias)
+        data = LazySupervisedDataset(str(mini_world / "finetune.json"), tokenizer, processor,
+                                     str(mini_world / "images"), "qwen_2", 256, model.num_image_tokens)
+        return LLaVATrainer(model=model, args=args, processing_class=tokenizer, train_dataset=data,
+                            data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id))
+
+    def trained(t) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in t.model.named_parameters() if v.requires_grad}
+
+    straight = trainer(tmp_path / "straight")
+    start = trained(straight)
+    straight.train()
+    assert (tmp_path / "straight" / "checkpoint-2" / "non_lora_trainables.bin").is_file()
+    resumed = trainer(tmp_path / "resumed")
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", checkpoint)  # a run killed after its save
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    weights, expected = trained(resumed), trained(straight)
+    projector = [k for k in expected if "mm_projector" in k]
+    assert projector and max(float((expected[k] - start[k]).abs().max()) for k in projector) > 1e-3  # it moved
+    for k, v in expected.items():
+        torch.testing.assert_close(weights[k], v, atol=0, rtol=0, msg=k)

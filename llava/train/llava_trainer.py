@@ -5,6 +5,10 @@ Skipped samples: each process keeps the unique (index, image, reason) records it
 checkpoint save and at the end they are gathered from all processes and written to `skipped_samples.json` in
 the checkpoint (before its trainer_state.json, which marks it complete) and in `output_dir`, so a crashed run
 leaves its list, and a resumed run reloads it from the checkpoint it resumes.
+
+LoRA: HF's checkpoint-N holds only the adapter (PEFT's save), so the non-LoRA trainables (the projector) are
+written beside it as `non_lora_trainables.bin` (the final save's name) and loaded back on resume.
+Subclasses add their own resume state through `save_resume_state` / `load_resume_state`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from aligntI_patch.zero3 import needs_blank_image
+from aligntI_patch.zero3 import gathered, needs_blank_image
+from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, non_lora_trainables
 
 logger = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_samples.json"
@@ -85,22 +90,40 @@ class LLaVATrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """HF's train, after reloading the skipped-sample list of the checkpoint it resumes from."""
+        """HF's train, after `load_resume_state` of the checkpoint it resumes from."""
         last = resume_from_checkpoint is True
         checkpoint = get_last_checkpoint(self.args.output_dir) if last else resume_from_checkpoint
         if isinstance(checkpoint, str):
-            self.skipped.load(checkpoint)
+            self.load_resume_state(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # written before HF's checkpoint files, so trainer_state.json (the completeness mark) comes after it
+    def load_resume_state(self, checkpoint: str) -> None:
+        """What HF's resume does not restore: the skipped-sample list and, with LoRA, the non-LoRA trainables.
+
+        Runs before HF loads the checkpoint's weights and before DeepSpeed wraps the model (whole tensors)."""
+        self.skipped.load(checkpoint)
+        if self.args.lora_enable:
+            load_non_lora_trainables(self.model, checkpoint)
+
+    def save_resume_state(self, checkpoint: str) -> None:
+        """Write what HF's checkpoint lacks into `checkpoint`. Every rank calls it (it gathers)."""
         records = self.skipped.gather()
+        if self.args.lora_enable:
+            params = non_lora_trainables(self.model)
+            with gathered(*params.values()):  # ZeRO-3: a collective; rank 0 writes the whole tensors
+                if self.args.should_save:
+                    torch.save({n: p.detach().cpu().clone() for n, p in params.items()},
+                               os.path.join(checkpoint, NON_LORA_FILE))
         if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            checkpoint = os.path.join(self._get_output_dir(trial=trial), name)
-            os.makedirs(checkpoint, exist_ok=True)
             write_skipped(os.path.join(checkpoint, SKIPPED_FILE), records)
             write_skipped(os.path.join(self.args.output_dir, SKIPPED_FILE), records)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # written before HF's checkpoint files, so trainer_state.json (the completeness mark) comes after them
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint = os.path.join(self._get_output_dir(trial=trial), name)
+        os.makedirs(checkpoint, exist_ok=True)  # every rank: per-process files go there too (as HF's rng_state_N)
+        self.save_resume_state(checkpoint)
         super()._save_checkpoint(model, trial)
 
     def _get_train_sampler(self, *args, **kwargs):
