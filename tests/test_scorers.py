@@ -34,7 +34,37 @@ FIXTURES = Path(__file__).parent / "fixtures" / "eval"
     ],
 )
 def test_parse_choice_letter(reply: str, num_choices: int, expected: str | None) -> None:
+    """The lenient parser (ScienceQA --lenient only)."""
     assert parse_choice_letter(reply, num_choices) == expected
+
+
+@pytest.mark.parametrize(
+    ("reply", "num_choices", "expected"),
+    [
+        # LLaVA's eval_science_qa.py reads only "A", "A. ..." and one "The answer is X." match.
+        ("A", 3, "A"),
+        ("A. x", 3, "A"),
+        ("The answer is A.", 3, "A"),
+        ("The answer is Apples.", 3, "A"),  # "." is any character
+        ("A.", 3, None),
+        ("(A)", 3, None),
+        ("A)", 3, None),
+        ("A: x", 3, None),
+        ("(A) x", 3, None),
+        ("Answer: A", 3, None),
+        ("the answer is A.", 3, None),  # case-sensitive
+        ("The answer is A", 3, None),  # nothing after the letter
+        ("The answer is A. The answer is A.", 3, None),  # two matches
+        (" A", 3, None),  # no trimming
+        ("E", 4, None),  # past the choices
+        ("E", 5, "E"),
+        ("The answer is F.", 5, None),
+        ("E. The answer is A.", 4, None),  # "E. " is read first (A-E), then it is past the choices
+        ("F. The answer is A.", 4, "A"),  # "F" is no option letter, so the pattern decides
+    ],
+)
+def test_parse_science_qa_reply_is_llavas(reply: str, num_choices: int, expected: str | None) -> None:
+    assert eval_science_qa.parse_science_qa_reply(reply, num_choices) == expected
 
 
 # ---------------------------------------------------------------- GQA
@@ -44,21 +74,38 @@ def test_gqa_accuracy_on_fixture() -> None:
     questions = load_json(FIXTURES / "gqa_questions.json")
     predictions = eval_gqa.load_gqa_predictions(FIXTURES / "gqa_answers.jsonl")
     m = eval_gqa.gqa_accuracy(predictions, questions)
+    # No isBalanced key: all 7 scored. LLaVA's conversion is rstrip(".").lower():
     # q1 "Yes." -> yes (right), q2 "Left" (right), q3 woman != man, q4 "" != no,
-    # q5 " white. " -> white (right), q6 "the table" != table (no article removal in GQA), q7 missing.
-    assert (m["correct"], m["total"], m["missing"]) == (3, 7, 1)
-    assert m["accuracy"] == pytest.approx(3 / 7)
-    # verify: q1 right, q4 wrong -> 1/2; query: q2, q5 right, q3, q7 wrong -> 2/4; choose: q6 wrong -> 0/1
-    assert m["by_type"] == pytest.approx({"choose": 0.0, "query": 0.5, "verify": 0.5})
+    # q5 " white. " kept as is (not stripped: wrong), q6 "the table" != table, q7 missing.
+    assert m["accuracy"] == pytest.approx(2 / 7)
+    assert (m["correct"], m["total"], m["missing"], m["unbalanced"]) == (2, 7, 1, 0)
+    # verify: q1 right, q4 wrong -> 1/2; query: q2 right, q3, q5, q7 wrong -> 1/4; choose: q6 wrong -> 0/1
+    assert m["by_type"] == pytest.approx({"choose": 0.0, "query": 0.25, "verify": 0.5})
 
 
 def test_gqa_accepts_converted_predictions(tmp_path: Path) -> None:
     converted = eval_gqa.convert_gqa_for_eval(read_jsonl(FIXTURES / "gqa_answers.jsonl"))
     assert converted[0] == {"questionId": "q1", "prediction": "yes"}
+    assert converted[4] == {"questionId": "q5", "prediction": " white. "}
     path = tmp_path / "testdev_balanced_predictions.json"
     path.write_text(json.dumps(converted))
     m = eval_gqa.main(["--question-file", str(FIXTURES / "gqa_questions.json"), "--result-file", str(path)])
-    assert m["accuracy"] == pytest.approx(3 / 7)
+    assert m["accuracy"] == pytest.approx(2 / 7)
+
+
+def test_gqa_scores_balanced_questions_against_the_raw_gold(tmp_path: Path) -> None:
+    questions = {
+        "q1": {"answer": "yes", "isBalanced": True},
+        "q2": {"answer": "no", "isBalanced": False},
+        "q3": {"answer": "cat", "isBalanced": True},
+    }
+    answers = tmp_path / "merge.jsonl"
+    replies = {"q1": "Yes.", "q2": "no", "q3": "Cat "}
+    answers.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n" for q, t in replies.items()))
+    m = eval_gqa.gqa_accuracy(eval_gqa.load_gqa_predictions(answers), questions)
+    # GQA's eval.py scores q1 and q3 only; "Cat " -> "cat " != "cat" (LLaVA does not strip): 1/2
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert (m["correct"], m["total"], m["unbalanced"]) == (1, 2, 1)
 
 
 def test_gqa_rejects_unknown_question() -> None:
@@ -80,6 +127,13 @@ def test_gqa_rejects_unknown_question() -> None:
         ("dont", "don't"),  # contraction restored
         ("McDonald's", "mcdonald 's"),  # the possessive is split off
         ("a / b", "b"),  # "/" touches a space -> deleted, then the article "a" is dropped
+        # The official contraction table verbatim: no "couldntve" key, "somebody'd" -> "somebodyd".
+        ("couldntve", "couldntve"),
+        ("couldnt've", "couldn't've"),
+        ("somebody'd", "somebodyd"),
+        ("yallll", "yallll"),
+        # The official sub() gets re.UNICODE (32) as its count: only 32 periods go.
+        ("yes" + "." * 40, "yes" + "." * 8),
     ],
 )
 def test_normalize_vqa_answer(raw: str, normalized: str) -> None:
@@ -116,6 +170,18 @@ def test_textvqa_on_fixture() -> None:
     # mean = (1.0 + 0.6 + 1.0 + 0.9 + 0.3 + 0.0 + 0.0) / 7 = 3.8 / 7
     assert m["accuracy"] == pytest.approx(3.8 / 7)
     assert (m["total"], m["missing"]) == (7, 1)
+
+
+def test_textvqa_repeated_question_scores_every_result_against_the_last_annotation() -> None:
+    annotations = [
+        {"question_id": 3, "image_id": "img3", "question": "what is it?", "answers": ["cat"] * 10},
+        {"question_id": 4, "image_id": "img3", "question": "what is it?", "answers": ["dog"] * 10},
+    ]
+    prompt = "what is it?\nReference OCR token: a\nAnswer the question using a single word or phrase."
+    results = [{"question_id": "img3", "prompt": prompt, "text": t} for t in ("cat", "dog")]
+    m = eval_textvqa.score_textvqa(results, annotations)
+    # LLaVA's dict keeps annotation 4 for (img3, "what is it?"): "cat" 0, "dog" 1 -> 0.5
+    assert m == {"accuracy": pytest.approx(0.5), "total": 2, "missing": 0}
 
 
 def test_textvqa_prompt_question() -> None:
@@ -230,19 +296,40 @@ def test_mme_llava_answers_with_release_ground_truth() -> None:
 def test_science_qa_on_fixture(tmp_path: Path) -> None:
     base = FIXTURES / "scienceqa"
     out = tmp_path / "graded.json"
-    m = eval_science_qa.main([
-        "--base-dir", str(base), "--result-file", str(base / "answers.jsonl"), "--output-file", str(out),
-    ])  # fmt: skip
-    # test split = 1,2,3,4,5,6,7,9 (8 is val, its reply is ignored)
-    # right: 1 "A", 2 "C.", 3 "The answer is B." (no image), 4 "The answer is D", 9 "(A) cat"
-    # wrong: 5 "C" (only 2 choices), 6 "" (no image), 7 no reply (missing)
-    # overall 5/8; IMG problems 1,2,4,5,7,9 with 1,2,4,9 right -> 4/6
-    assert (m["correct"], m["total"], m["missing"]) == (5, 8, 1)
-    assert m["accuracy"] == pytest.approx(5 / 8)
-    assert (m["img_correct"], m["img_total"]) == (4, 6)
-    assert m["img_accuracy"] == pytest.approx(4 / 6)
+    args = ["--base-dir", str(base), "--result-file", str(base / "answers.jsonl"), "--output-file", str(out)]
+    m = eval_science_qa.main(args)
+    # test split = 1,2,3,4,5,6,7,9 (8 is val, its reply is ignored). LLaVA's rule:
+    # right: 1 "A", 3 "The answer is B."; wrong: 2 "C.", 4 "The answer is D" (no character after the
+    # letter), 5 "C" (only 2 choices), 6 "", 7 no reply (missing), 9 "(A) cat" -> 2/8.
+    # IMG subset (prompt has "<image>", as model_vqa_science writes it): 1, 2, 4, 5, 9 (7 has no reply) -> 1/5
+    assert (m["correct"], m["total"], m["missing"], m["img_total"]) == (2, 8, 1, 5)
+    assert m["img_accuracy"] == pytest.approx(1 / 5)
+    assert m["accuracy"] == pytest.approx(2 / 8)
     graded = {g["question_id"]: g for g in json.loads(out.read_text())}
-    assert graded["5"]["pred"] is None and graded["9"]["pred"] == "A"
+    assert graded["5"]["pred"] is None and graded["9"]["pred"] is None
+    # --lenient also reads 2 "C.", 4 "The answer is D" and 9 "(A) cat" -> 5/8
+    lenient = eval_science_qa.main([*args, "--lenient"])
+    assert (lenient["correct"], lenient["lenient"]) == (5, True)
+    assert json.loads(out.read_text())[-1]["pred"] == "A"
+
+
+def test_science_qa_img_subset_is_decided_by_the_prompt(tmp_path: Path) -> None:
+    problems = {
+        "p1": {"choices": ["x", "y"], "answer": 0, "image": "image.png"},
+        "p2": {"choices": ["x", "y"], "answer": 0, "image": "image.png"},
+        "p3": {"choices": ["x", "y"], "answer": 1, "image": None},
+    }
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["p1", "p2", "p3"]}))
+    answers = [
+        {"question_id": "p1", "prompt": "<image>\nQ", "text": "A"},
+        {"question_id": "p3", "prompt": "Q", "text": "B"},
+    ]  # p2 has no reply
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    m = eval_science_qa.main(["--base-dir", str(tmp_path), "--result-file", str(tmp_path / "answers.jsonl")])
+    # overall 2/3 (p2 wrong); IMG: p2 gets LLaVA's prompt "Unknown" and drops out -> p1 only, 1/1
+    assert (m["correct"], m["total"], m["missing"]) == (2, 3, 1)
+    assert (m["img_correct"], m["img_total"], m["img_accuracy"]) == (1, 1, 1.0)
 
 
 # ---------------------------------------------------------------- MMBench
@@ -252,17 +339,55 @@ def test_mmbench_circular_on_tsv() -> None:
     tsv = eval_mmbench.load_mmbench_tsv(FIXTURES / "mmbench_dev.tsv")
     assert tsv[1]["options"] == ["cat", "dog"]  # "nan" options are absent
     records = eval_mmbench.mmbench_records(read_jsonl(FIXTURES / "mmbench_answers.jsonl"), tsv)
-    # groups (index % 1e6): 1 both right; 2 right, right, wrong ("B" for C); 3 right, wrong (""); 4 "dog"
-    # names option B by its text (right), "(A)" right; 5 single row, "A" for C wrong.
+    # groups (index % 1e6): 1 "A", "B." both right; 2 right, right, wrong ("B" for C); 3 "The answer is A"
+    # unmatched ("A" among more than 3 words may be the article, and no option text occurs), "" unmatched;
+    # 4 "dog" names option B by its text (right), "(A)" right; 5 single row, "A" for C wrong.
     m = eval_mmbench.score_mmbench(records, circular=True)
     # circular: groups 1, 4 right -> 2/5; ocr: 1 right, 2 wrong -> 1/2; counting: 4 right of 3, 4, 5 -> 1/3
     assert (m["correct"], m["total"], m["variants"]) == (2, 5, 10)
     assert m["accuracy"] == pytest.approx(0.4)
     assert m["by_category"] == pytest.approx({"counting": 1 / 3, "ocr": 0.5})
-    # first variant only: 1, 2, 3, 4 right, 5 wrong -> 4/5; ocr 2/2, counting 2/3
+    # first variant only: 1, 2, 4 right, 3, 5 wrong -> 3/5; ocr 2/2, counting 1/3
     v = eval_mmbench.score_mmbench(records, circular=False)
-    assert v["accuracy"] == pytest.approx(0.8)
-    assert v["by_category"] == pytest.approx({"counting": 2 / 3, "ocr": 1.0})
+    assert v["accuracy"] == pytest.approx(0.6)
+    assert v["by_category"] == pytest.approx({"counting": 1 / 3, "ocr": 1.0})
+    assert m["unmatched"] == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("I choose B", "B"),
+        ("Option B", "B"),
+        ("B is correct", "B"),
+        ("B, blue bus", "B"),  # "B," is one of can_infer_option's forms
+        ("a blue bus", "B"),  # can_infer_text: only "blue bus" occurs in the reply
+        ("The blue bus.", "B"),
+        ("A dog is shown", "D"),  # "A" among more than 3 words is taken for the article
+        ("(C)", "C"),
+        ("E", "E"),  # letters run to E whatever the options; scored wrong
+        ("The answer is A", None),  # same article rule, and no option text: GPT would be asked
+        ("B or C", None),  # two letters
+        ("a cat or a dog", None),  # two option texts
+    ],
+)
+def test_mmbench_matching_is_mmbenchs(reply: str, expected: str | None) -> None:
+    options = {"A": "red car", "B": "blue bus", "C": "cat", "D": "dog"}
+    assert eval_mmbench.infer_mmbench_letter(reply, options) == expected
+
+
+def test_mmbench_infers_letters_like_mmbench(tmp_path: Path) -> None:
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text(
+        "index\tquestion\tA\tB\tC\tD\tanswer\tcategory\n"
+        "1\tq?\tred car\tblue bus\tcat\tdog\tB\tc1\n"
+        "1000001\tq?\tblue bus\tcat\tdog\tred car\tA\tc1\n"
+    )
+    results = [{"question_id": 1, "text": "I choose B"}, {"question_id": 1000001, "text": "a blue bus"}]
+    m = eval_mmbench.score_mmbench(eval_mmbench.mmbench_records(results, eval_mmbench.load_mmbench_tsv(tsv)))
+    # "I choose B" -> B (right); "a blue bus" -> the rotated option A "blue bus" (right) -> 1/1
+    assert (m["correct"], m["total"]) == (1, 1)
+    assert m["unmatched"] == 0
 
 
 def test_mmbench_llava_all_rounds() -> None:

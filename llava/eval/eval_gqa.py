@@ -1,12 +1,14 @@
-"""GQA accuracy: exact match after a light normalisation, as in LLaVA-1.5's GQA protocol.
+"""GQA accuracy as in LLaVA-1.5's GQA protocol: LLaVA's conversion, then GQA's official exact match.
 
-LLaVA converts its answers with `scripts/convert_gqa_for_eval.py` (lowercase, strip trailing periods)
-and runs GQA's official `eval.py`, whose accuracy is plain exact match over every question of the
-tier. This module does both steps. Inputs:
-- predictions: LLaVA answers jsonl (`{"question_id", "prompt", "text", ...}` per line) or the
-  converted json (`[{"questionId", "prediction"}, ...]`);
-- questions: GQA's `testdev_balanced_questions.json` (`{qid: {"answer": ..., "types": {...}}}`).
-A question without a prediction counts as wrong and is reported under `missing`, as the official
+LLaVA converts its answers with `scripts/convert_gqa_for_eval.py` (`text.rstrip('.').lower()`: no
+whitespace trimming) and runs GQA's official `eval.py`, whose accuracy is exact match of that
+prediction with the raw gold `answer`, over the questions with `isBalanced` true. This module does
+both steps. Inputs:
+- predictions: LLaVA answers jsonl (`{"question_id", "prompt", "text", ...}` per line), converted
+  here, or the converted json (`[{"questionId", "prediction"}, ...]`), used as it is;
+- questions: GQA's `testdev_balanced_questions.json` (`{qid: {"answer", "isBalanced", "types"}}`).
+A question file without any `isBalanced` key is scored whole (and a warning says so). A balanced
+question without a prediction counts as wrong and is reported under `missing`, where the official
 script refuses to score an incomplete file. Accuracy per structural type (verify, query, choose,
 logical, compare) is added when the questions carry `types`.
 
@@ -31,47 +33,54 @@ logger = logging.getLogger(__name__)
 
 
 def normalize_gqa_answer(text: str) -> str:
-    """Lowercase, trim, drop trailing periods ("Yes." -> "yes"): LLaVA's conversion plus trimming."""
-    return text.strip().rstrip(".").strip().lower()
+    """LLaVA's conversion of a reply: trailing periods dropped, lowercased ("Yes." -> "yes", " a. " kept)."""
+    return text.rstrip(".").lower()
 
 
 def convert_gqa_for_eval(answers: list[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """LLaVA answers -> GQA's submission format `[{"questionId", "prediction"}]` (normalised)."""
+    """LLaVA answers -> GQA's submission format `[{"questionId", "prediction"}]` (converted)."""
     return [
         {"questionId": str(a["question_id"]), "prediction": normalize_gqa_answer(a["text"])} for a in answers
     ]
 
 
 def load_gqa_predictions(path: str | Path) -> dict[str, str]:
-    """Predictions by question id from a LLaVA answers jsonl or a converted `[{"questionId", ...}]` json."""
+    """Converted predictions by question id, from a LLaVA answers jsonl or a `[{"questionId", ...}]` json."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         head = f.read(1)
         while head.isspace():
             head = f.read(1)
-    if head == "[":  # converted json list
-        return {str(p["questionId"]): p["prediction"] for p in load_json(path)}
-    return {str(a["question_id"]): a["text"] for a in read_jsonl(path)}
+    records = load_json(path) if head == "[" else convert_gqa_for_eval(read_jsonl(path))
+    return {str(p["questionId"]): p["prediction"] for p in records}
 
 
 def gqa_accuracy(
     predictions: Mapping[str, str], questions: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """Exact-match accuracy of `predictions` over every question in `questions`.
+    """Exact-match accuracy of converted `predictions` over the balanced questions of `questions`.
 
-    Returns {"accuracy", "correct", "total", "missing", "by_type"}; accuracies are fractions.
-    Predictions for ids absent from `questions` are an error (the wrong question file, most likely).
+    Returns {"accuracy", "correct", "total", "missing", "unbalanced", "by_type"}; accuracies are
+    fractions, `unbalanced` the questions left out. Predictions for ids absent from `questions` are
+    an error (the wrong question file, most likely).
     """
     unknown = [qid for qid in predictions if qid not in questions]
     if unknown:
         raise ValueError(
             f"{len(unknown)} predictions have no question in the question file, e.g. {unknown[:3]}"
         )
+    if any("isBalanced" in q for q in questions.values()):
+        scored = {qid: q for qid, q in questions.items() if q.get("isBalanced")}
+    else:
+        logger.warning(
+            "GQA: the question file has no isBalanced key; scoring all %d questions", len(questions)
+        )
+        scored = dict(questions)
     correct, missing = 0, 0
     type_hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # type -> [correct, total]
-    for qid, question in questions.items():
+    for qid, question in scored.items():
         if qid in predictions:
-            hit = normalize_gqa_answer(predictions[qid]) == normalize_gqa_answer(question["answer"])
+            hit = predictions[qid] == question["answer"]
         else:
             hit, missing = False, missing + 1
         correct += hit
@@ -79,7 +88,7 @@ def gqa_accuracy(
         if structural:
             type_hits[structural][0] += hit
             type_hits[structural][1] += 1
-    total = len(questions)
+    total = len(scored)
     if missing:
         logger.warning("GQA: %d of %d questions have no prediction; counted as wrong", missing, total)
     return {
@@ -87,6 +96,7 @@ def gqa_accuracy(
         "correct": correct,
         "total": total,
         "missing": missing,
+        "unbalanced": len(questions) - total,
         "by_type": {t: c / n for t, (c, n) in sorted(type_hits.items())},
     }
 
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     predictions = load_gqa_predictions(args.result_file)
     if args.convert_to:
-        converted = [{"questionId": q, "prediction": normalize_gqa_answer(p)} for q, p in predictions.items()]
+        converted = [{"questionId": q, "prediction": p} for q, p in predictions.items()]
         Path(args.convert_to).parent.mkdir(parents=True, exist_ok=True)
         Path(args.convert_to).write_text(json.dumps(converted), encoding="utf-8")
     metrics = gqa_accuracy(predictions, load_json(args.question_file))

@@ -13,8 +13,13 @@ Inputs:
   `"answer"` (letter) and `"category"`; LLaVA's extra `round_id`, `options`, `option_char` are used;
 - `--annotation-file` (optional): the MMBench TSV (index, question, hint, A..D, answer, category, ...)
   giving `answer`, `category` and the options of each index.
-A reply is read with `parse_choice_letter`; failing that, a reply equal to exactly one option's text
-(case and trailing period ignored) picks that option.
+A reply is read with MMBench's deterministic matching, exactly as lmms-eval's (0.7.3)
+`MMBench_Evaluator.can_infer` does before asking GPT: `can_infer_option` (a lone capital letter A-E
+among the whitespace-separated words, unless "A" is one of more than three words, or else exactly
+one letter written "B.", "B,", "(B)", ...), then `can_infer_text` (the one option whose lowercased
+text occurs in the lowercased reply). Replies neither reads are counted wrong and reported as
+`unmatched`: the official pipeline asks GPT to match those, which is not reproduced offline, so when
+`unmatched` > 0 the accuracy is a lower bound of the official one.
 
 Usage:
     python -m llava.eval.eval_mmbench --annotation-file mmbench_dev_20230712.tsv --result-file answers.jsonl
@@ -25,17 +30,23 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import string
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llava.eval.eval_utils import parse_choice_letter, pct, read_jsonl, report
+from llava.eval.eval_utils import pct, read_jsonl, report
 
 logger = logging.getLogger(__name__)
 
 OPTION_LETTERS = ("A", "B", "C", "D")
 CIRCULAR_STRIDE = 1_000_000
+# (prefix, suffix) around a letter that MMBench's `can_infer_option` accepts, in its order.
+_OPTION_AFFIXES = (
+    ("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
+    (":", ""), (":", ","), (":", "."), (":", ")"), (":", ")."),
+)  # fmt: skip
 
 
 def _is_missing(value: Any) -> bool:
@@ -59,17 +70,54 @@ def load_mmbench_tsv(path: str | Path) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def _match_option_text(reply: str, options: Sequence[str]) -> int | None:
-    """Position of the one option whose text equals the reply (case and final period ignored)."""
-    norm = reply.strip().rstrip(".").strip().lower()
-    hits = [i for i, option in enumerate(options) if str(option).strip().rstrip(".").strip().lower() == norm]
-    return hits[0] if len(hits) == 1 else None
+def can_infer_option(answer: str, num_choice: int = 5) -> str | None:
+    """The option letter MMBench's `can_infer_option` finds in `answer`, or None.
+
+    Follows lmms-eval's `MMBench_Evaluator.can_infer_option` exactly (letters A-E whatever the
+    number of options, as it is called with its default `num_choice`).
+    """
+    if "Failed to obtain answer via API" in answer:  # MMBench's marker of a failed GPT call
+        return None
+    choices = string.ascii_uppercase[:num_choice]
+    splits = [x.strip() for x in answer.split()]
+
+    def count(prefix: str = "", suffix: str = "") -> int:
+        return sum(prefix + c + suffix in splits for c in choices)
+
+    if count() == 1:
+        for ch in choices:
+            if "A" in splits and len(splits) > 3:  # "A" may be the article ("A dog is shown")
+                break
+            if ch in splits:
+                return ch
+    for prefix, suffix in _OPTION_AFFIXES:
+        if count(prefix, suffix) == 1:
+            for ch in choices:
+                if prefix + ch + suffix in splits:
+                    return ch
+    return None
+
+
+def can_infer_text(answer: str, choices: Mapping[str, Any]) -> str | None:
+    """The letter of the one option whose lowercased text occurs in the lowercased `answer`, else None."""
+    answer = answer.lower()
+    candidates = [letter for letter, text in choices.items() if str(text).lower() in answer]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def infer_mmbench_letter(answer: str, choices: Mapping[str, Any]) -> str | None:
+    """MMBench's `can_infer`: `can_infer_option`, then `can_infer_text` over `choices` (letter -> text)."""
+    return can_infer_option(answer) or can_infer_text(answer, choices)
 
 
 def mmbench_records(
     results: Sequence[Mapping[str, Any]], annotations: Mapping[int, Mapping[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """One record per result: {"group", "variant", "pred", "answer", "category"}, letters in the original order."""
+    """One record per result: {"group", "variant", "matched", "pred", "answer", "category"}.
+
+    `pred` and `answer` are letters in the original order; `matched` says whether MMBench's
+    deterministic matching read a letter from the reply (see the module docstring).
+    """
     records = []
     for r in results:
         index = int(r["question_id"])
@@ -82,12 +130,15 @@ def mmbench_records(
         category = r.get("category") or (row or {}).get("category") or "all"
         shown = list(r.get("options") or (row or {}).get("options") or [])
         original = list(r.get("option_char") or OPTION_LETTERS[: len(shown) or len(OPTION_LETTERS)])
-        letter = parse_choice_letter(r["text"], len(original))
-        position = OPTION_LETTERS.index(letter) if letter else _match_option_text(r["text"], shown)
+        # Letters and texts are those shown in this variant; `original` maps them back.
+        letter = infer_mmbench_letter(str(r["text"]), dict(zip(OPTION_LETTERS, shown)))
+        position = None if letter is None else string.ascii_uppercase.index(letter)
         records.append({
             "group": r.get("circular_group", index % CIRCULAR_STRIDE),
             "variant": (index, int(r.get("round_id", 0))),
-            "pred": None if position is None else original[position],
+            "matched": letter is not None,
+            # A letter past the shown options ("E", or "C" of two) is wrong, as it is in MMBench.
+            "pred": original[position] if position is not None and position < len(original) else None,
             "answer": str(answer).strip(),
             "category": category,
         })  # fmt: skip
@@ -115,6 +166,7 @@ def score_mmbench(records: Sequence[Mapping[str, Any]], circular: bool = True) -
         "correct": sum(hits),
         "total": len(hits),
         "variants": len(records),
+        "unmatched": sum(not rec["matched"] for rec in records),
         "circular": circular,
         "by_category": {cat: sum(h) / len(h) for cat, h in sorted(by_category.items())},
     }
@@ -144,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report(metrics, args.output_result)
     mode = "circular" if metrics["circular"] else "single-pass"
     print(f"MMBench ({mode}) accuracy: {pct(metrics['accuracy'])}% ({metrics['correct']}/{metrics['total']})")
+    if metrics["unmatched"]:
+        logger.warning(
+            "MMBench: %d replies matched no option (counted wrong; the official scorer would ask GPT)",
+            metrics["unmatched"],
+        )
     return metrics
 
 

@@ -6,9 +6,12 @@ Inputs:
   "answers": [10 strings]}, ...]}`).
 Matching a result to its annotation: LLaVA's TextVQA question file stores the *image* id under
 `question_id` and the question (plus OCR tokens and an instruction line) under `prompt`, so such a
-result is matched on (image id, lowercased question read from the prompt), as LLaVA's script does;
-a result whose `question_id` is a TextVQA question id is matched on it directly. Annotations left
-without a result count as 0 and are reported under `missing`.
+result is matched on (image id, lowercased question read from the prompt), as LLaVA's script does.
+Like LLaVA's, every result is scored, and when several annotations share an (image id, question)
+pair the last one is the one all their results are scored against. A result whose `question_id` is
+a TextVQA question id is matched on it directly. An (image id, question) pair that no result
+answered counts as 0 and is reported under `missing` (LLaVA's script would leave it out; on a
+complete answers file there is none).
 
 Usage:
     python -m llava.eval.eval_textvqa --annotation-file TextVQA_0.5.1_val.json --result-file answers.jsonl
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,44 +54,38 @@ def extract_textvqa_question(prompt: str) -> str:
 
 def match_textvqa_results(
     results: Sequence[Mapping[str, Any]], annotations: Sequence[Mapping[str, Any]]
-) -> list[str | None]:
-    """The prediction for each annotation, in annotation order (None where no result matched)."""
-    by_qid = {str(a["question_id"]): i for i, a in enumerate(annotations)}
-    by_image_question: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, a in enumerate(annotations):
-        by_image_question[(str(a["image_id"]), a["question"].strip().lower())].append(i)
+) -> tuple[list[tuple[str, Sequence[str]]], int]:
+    """(reply, human answers) for every result, and how many (image id, question) pairs no result answered."""
+    by_qid = {str(a["question_id"]): a for a in annotations}
+    # A dict of the annotations, so a repeated (image, question) pair keeps its last one, as LLaVA's.
+    by_image_question = {(str(a["image_id"]), a["question"].strip().lower()): a for a in annotations}
     image_ids = {key[0] for key in by_image_question}
 
-    predictions: list[str | None] = [None] * len(annotations)
+    scored: list[tuple[str, Sequence[str]]] = []
+    answered: set[tuple[str, str]] = set()
     for result in results:
         qid = str(result["question_id"])
         if qid in image_ids and "prompt" in result:  # LLaVA: question_id holds the image id
             key = (qid, extract_textvqa_question(result["prompt"]))
-            # The same question asked twice about one image: fill the annotations in turn.
-            free = [i for i in by_image_question.get(key, []) if predictions[i] is None]
-            if not free:
-                raise ValueError(
-                    f"no (unanswered) TextVQA annotation for image {key[0]!r}, question {key[1]!r}"
-                )
-            index = free[0]
+            if key not in by_image_question:
+                raise ValueError(f"no TextVQA annotation for image {key[0]!r}, question {key[1]!r}")
+            annotation = by_image_question[key]
         elif qid in by_qid:
-            index = by_qid[qid]
-            if predictions[index] is not None:
-                raise ValueError(f"two results for TextVQA question {qid}")
+            annotation = by_qid[qid]
+            key = (str(annotation["image_id"]), annotation["question"].strip().lower())
         else:
             raise ValueError(f"TextVQA result {qid!r} matches no annotation")
-        predictions[index] = result["text"]
-    return predictions
+        answered.add(key)
+        scored.append((result["text"], annotation["answers"]))
+    return scored, len(by_image_question.keys() - answered)
 
 
-def textvqa_accuracy(
-    predictions: Sequence[str | None], gt_answers: Sequence[Sequence[str]]
-) -> dict[str, Any]:
-    """Mean VQA accuracy; a None prediction (no result) scores 0. Returns {"accuracy", "total", "missing"}."""
-    if len(predictions) != len(gt_answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(gt_answers)} questions")
-    scores = [0.0 if p is None else vqa_accuracy(p, answers) for p, answers in zip(predictions, gt_answers)]
-    missing = sum(p is None for p in predictions)
+def textvqa_accuracy(scored: Sequence[tuple[str, Sequence[str]]], missing: int = 0) -> dict[str, Any]:
+    """Mean VQA accuracy of (reply, human answers) pairs, with `missing` unanswered questions scoring 0.
+
+    Returns {"accuracy", "total", "missing"}.
+    """
+    scores = [vqa_accuracy(reply, answers) for reply, answers in scored] + [0.0] * missing
     if missing:
         logger.warning("TextVQA: %d of %d questions have no prediction; scored 0", missing, len(scores))
     return {
@@ -103,8 +99,7 @@ def score_textvqa(
     results: Sequence[Mapping[str, Any]], annotations: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Match LLaVA results to TextVQA annotations and score them (see `textvqa_accuracy`)."""
-    predictions = match_textvqa_results(results, annotations)
-    return textvqa_accuracy(predictions, [a["answers"] for a in annotations])
+    return textvqa_accuracy(*match_textvqa_results(results, annotations))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

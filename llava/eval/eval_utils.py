@@ -2,7 +2,7 @@
 
 Design choices:
 - Scorers are pure functions over plain Python data; the helpers here only read files, parse a
-  multiple-choice letter, and print / save a metrics dict, so every scorer's CLI looks the same.
+  multiple-choice letter leniently, and print / save a metrics dict, so every scorer's CLI looks the same.
 - Fractions stay fractions (accuracy in [0, 1]) inside the library; the CLIs print percentages.
 """
 
@@ -36,9 +36,10 @@ def load_json(path: str | Path) -> Any:
 def parse_choice_letter(text: str, num_choices: int) -> str | None:
     """The option letter a reply names, or None when it names none of the first `num_choices` letters.
 
-    Accepts "A", "A.", "(A)", "A) text", "A. text", "The answer is A" (any trailing punctuation);
-    several "answer is" letters that disagree give None. A superset of LLaVA's ScienceQA rule, which
-    misses "A." and a final "The answer is A" with nothing after the letter.
+    A lenient reading, used only by `eval_science_qa --lenient`: accepts "A", "A.", "(A)", "A) text",
+    "A. text", "The answer is A" (any trailing punctuation); several "answer is" letters that disagree
+    give None. It accepts replies that LLaVA's official ScienceQA rule counts as wrong ("A.", "(A)",
+    "Answer: A"), so accuracies read with it are not comparable with published numbers.
     """
     text = text.strip()
     valid = {chr(ord("A") + i) for i in range(num_choices)}
