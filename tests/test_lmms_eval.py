@@ -97,15 +97,22 @@ def _instance(request_type: str, args: tuple, doc_id: int = 0):
     return Instance(request_type, args, 0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1})
 
 
+def _choice_requests(lmm, rows: list[dict], continuations: tuple[str, ...]) -> list:
+    """One loglikelihood request per (row, continuation), the row's image as lmms-eval passes it."""
+    lmm.task_dict = {"t": {"test": rows}}
+    visual = _utils().doc_to_visual
+    return [
+        _instance("loglikelihood", (r["question"], cont, visual, i, "t", "test"), i)
+        for i, r in enumerate(rows)
+        for cont in continuations
+    ]
+
+
 def test_loglikelihood_equals_the_unbatched_loss(lmm, mini_world):
     rows = task_rows(mini_world)[:4]
-    lmm.task_dict = {"t": {"test": rows}}
     utils = _utils()
-    requests = [
-        _instance("loglikelihood", (r["question"], cont, utils.doc_to_visual, i, "t", "test"), i)
-        for i, r in enumerate(rows)
-        for cont in ("yes", "no, it is the red circle")
-    ] + [_instance("loglikelihood", ("", "yes"))]  # the unconditional (text-only) form
+    requests = _choice_requests(lmm, rows, ("yes", "no, it is the red circle"))
+    requests += [_instance("loglikelihood", ("", "yes"))]  # the unconditional (text-only) form
     pairs = lmm.loglikelihood(requests)
     model, tokenizer = lmm.model, lmm.tokenizer
     for request, (nll, greedy) in zip(requests, pairs):
@@ -133,13 +140,7 @@ def test_response_cache_stores_and_returns_loglikelihood_pairs(lmm, mini_world, 
     from lmms_eval.caching.response_cache import ResponseCache
 
     rows = task_rows(mini_world)[:3]
-    lmm.task_dict = {"t": {"test": rows}}
-    utils = _utils()
-    requests = [
-        _instance("loglikelihood", (r["question"], cont, utils.doc_to_visual, i, "t", "test"), i)
-        for i, r in enumerate(rows)
-        for cont in ("yes", "no")
-    ]
+    requests = _choice_requests(lmm, rows, ("yes", "no"))
     for i, request in enumerate(requests):
         request.idx = i  # one cache key per choice, as lmms-eval numbers a document's choices
     expected = lmm.loglikelihood(requests)
