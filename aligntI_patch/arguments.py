@@ -22,8 +22,8 @@ class DistillArguments(TrainingArguments):
     )
     teacher_attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Teacher LLM attention: sdpa, eager, flash_attention_2 or flex_attention (default: sdpa). "
-                          "The teacher only runs forward, so flex_attention works on CPU too."},
+        metadata={"help": "Teacher LLM attention: sdpa, eager, flash_attention_2 or flex_attention (default: sdpa; "
+                          "the last two on CUDA only)."},
     )
     w_sft: float = field(default=1.0, metadata={"help": "Weight of L_sft (0 disables it)"})
     w_kd: float = field(default=1.0, metadata={"help": "Weight of L_kd, Eq. 2 (0 disables it)"})

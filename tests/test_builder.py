@@ -231,18 +231,28 @@ def test_use_flash_attn_keyword(monkeypatch, mini_checkpoint):
     assert kwargs["attn_implementation"] == "flash_attention_2" and "use_flash_attn" not in kwargs
 
 
+def test_flex_attention_is_refused_off_cuda(mini_checkpoint):
+    """torch's compiled CPU FlexAttention kernel returned wrong values (head_dim 8/16) and failed to compile dynamic
+    shapes on an AVX2 CPU: a CPU flex load fails before reading weights, naming the way out."""
+    with pytest.raises(ValueError, match="flex_attention needs a CUDA device.*use sdpa"):
+        load_pretrained_model(str(mini_checkpoint), device="cpu", attn_implementation="flex_attention")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention runs on CUDA only")
 @torch.no_grad()
 def test_flex_attention_load_equals_sdpa(mini_checkpoint, tokenizer):
-    """A flex_attention load (forward only, so CPU is fine: the teacher / inference case) gives sdpa's logits
-    on a left-padded batch with images; the LLM runs FlexAttention, the SigLIP tower keeps its own default."""
-    _, flex, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu", attn_implementation="flex_attention")
-    _, sdpa, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu", attn_implementation="sdpa")
+    """A flex_attention load (forward only: the teacher / inference case) gives sdpa's logits on a left-padded
+    batch with images; the LLM runs FlexAttention, the SigLIP tower keeps its own default."""
+    kw = dict(device="cuda:0", torch_dtype=torch.float32)
+    _, flex, _, _ = load_pretrained_model(str(mini_checkpoint), attn_implementation="flex_attention", **kw)
+    _, sdpa, _, _ = load_pretrained_model(str(mini_checkpoint), attn_implementation="sdpa", **kw)
     assert flex.config._attn_implementation == "flex_attention"
     ids = torch.tensor([[1] + tokenizer("Hello").input_ids + [IMAGE_TOKEN_INDEX] + tokenizer("red?").input_ids] * 2)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 32)
+    ids, mask, images = ids.cuda(), mask.cuda(), images.cuda()
     got, ref = (m(input_ids=ids, attention_mask=mask, images=images).logits for m in (flex, sdpa))
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, 2:], ref[1, 2:], rtol=0, atol=1e-5)  # padding rows differ (flex: zeros)

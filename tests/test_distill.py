@@ -244,11 +244,12 @@ def test_on_policy_batch_replaces_responses_with_student_samples(tmp_path, pair,
 
 
 def test_teacher_attention_implementation(tmp_path, pair):
-    """--teacher_attn_implementation reaches the teacher's LLM (flex works there on CPU: forward only)."""
+    """--teacher_attn_implementation reaches the teacher's LLM; flex_attention is refused off CUDA before loading."""
     _, teacher_path = pair
-    _, teacher = load_teacher(_args(tmp_path, teacher_path, teacher_attn_implementation="flex_attention"),
-                              torch.device("cpu"))
-    assert teacher.config._attn_implementation == "flex_attention"
+    _, teacher = load_teacher(_args(tmp_path, teacher_path, teacher_attn_implementation="eager"), torch.device("cpu"))
+    assert teacher.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="flex_attention needs a CUDA device"):
+        load_teacher(_args(tmp_path, teacher_path, teacher_attn_implementation="flex_attention"), torch.device("cpu"))
     with pytest.raises(ValueError, match="teacher_attn_implementation"):
         _args(tmp_path, teacher_path, teacher_attn_implementation="flash")
 

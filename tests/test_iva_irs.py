@@ -332,27 +332,37 @@ def eager_alpha(model: torch.nn.Module, batch: dict[str, torch.Tensor], layer: i
     return torch.stack([r.mean(0) for r in rows])  # (B, N_v)
 
 
+# flex_attention runs on CUDA only (torch's CPU kernel is unreliable: llava/model/builder.py)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention runs on CUDA only")
+
+
+def _on(device: torch.device | str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 @pytest.fixture(scope="module")
 def flex_lms() -> dict[str, transformers.PreTrainedModel]:
-    """flex_attention tiny models, one per arch, shared by the module (flex_attention compiles once per process)."""
-    models = {arch: tiny_model(arch) for arch in ("qwen2", "qwen3")}
+    """flex_attention tiny models on CUDA, one per arch, shared by the module (flex compiles once per process)."""
+    models = {arch: tiny_model(arch).cuda() for arch in ("qwen2", "qwen3")}
     for model in models.values():
         model.set_attn_implementation("flex_attention")
     return models
 
 
+@needs_cuda
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("pad_left", [False, True])
 def test_alpha_under_flex_attention_equals_eager(flex_lms, arch: str, pad_left: bool) -> None:
     """The teacher's ground-truth pass under flex_attention hands the hook a BlockMask (causal + padding)."""
     model = flex_lms[arch]
-    batch = make_batch([LAYOUT, LAYOUT[:-2], [TM, V, V, V, V, N, N, TM, R]], seed=7, pad_left=pad_left)
+    batch = _on(model.device, make_batch([LAYOUT, LAYOUT[:-2], [TM, V, V, V, V, N, N, TM, R]], seed=7,
+                                         pad_left=pad_left))
     alpha = instruction_vision_importance(model, batch, 1)
     assert model.config._attn_implementation == "flex_attention"
     torch.testing.assert_close(alpha, eager_alpha(model, batch, 1), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("flex_attention", marks=needs_cuda)])
 def test_alpha_through_the_llava_layout_with_images(attn: str) -> None:
     """With images, alpha is read in the expanded layout made by prepare_inputs_labels_for_multimodal."""
     llava_qwen = pytest.importorskip("llava.model.language_model.llava_qwen")
@@ -366,6 +376,7 @@ def test_alpha_through_the_llava_layout_with_images(attn: str) -> None:
     torch.manual_seed(0)
     # from_config sets the LLM's attention only; the SigLIP tower keeps sdpa (no flex compile for it)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    model.to("cuda" if attn == "flex_attention" else "cpu")
     assert type(model) is llava_qwen.LlavaQwenForCausalLM and model.config._attn_implementation == attn
     ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 0], [0, 0, 5, IMAGE_TOKEN_INDEX, 7, 8, 10]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1]])
@@ -376,6 +387,7 @@ def test_alpha_through_the_llava_layout_with_images(attn: str) -> None:
         "token_types": types,
         "images": torch.randn(2, 3, 16, 16),
     }
+    batch = _on(model.device, batch)
     alpha = instruction_vision_importance(model, batch, 1)
     assert alpha.shape == (2, model.num_image_tokens)
     torch.testing.assert_close(alpha, eager_alpha(model, batch, 1), atol=1e-6, rtol=0)

@@ -68,7 +68,8 @@ def _placement(
 
 
 def _attention(attn_implementation: str | None, use_flash_attn: bool, device: str | torch.device) -> str | None:
-    """LLaVA's `use_flash_attn=True` is `attn_implementation="flash_attention_2"`; check it can run before loading."""
+    """LLaVA's `use_flash_attn=True` is `attn_implementation="flash_attention_2"`; check it can run before loading
+    (flash_attention_2 and flex_attention: CUDA only)."""
     if use_flash_attn:
         if attn_implementation not in (None, "flash_attention_2"):
             raise ValueError(f"use_flash_attn=True contradicts attn_implementation={attn_implementation!r}")
@@ -79,6 +80,14 @@ def _attention(attn_implementation: str | None, use_flash_attn: bool, device: st
         raise ValueError(
             f"flash_attention_2 needs the flash-attn package (the `gpu` extra) and a CUDA device, got device "
             f"{str(device)!r} (flash-attn usable on this host: {is_flash_attn_2_available()}); use sdpa instead"
+        )
+    if attn_implementation == "flex_attention" and torch.device(device).type != "cuda":
+        # Measured with torch 2.13 on an AVX2 CPU: the compiled CPU kernel returned wrong values (errors of 1-4, NaN)
+        # for head_dim 8 and 16 at some lengths, and failed to compile once shapes turned dynamic (head_dim 32).
+        raise ValueError(
+            f"flex_attention needs a CUDA device, got {str(device)!r}: torch {torch.__version__}'s compiled CPU "
+            "FlexAttention kernel can return wrong values silently or fail to compile mid-run; use sdpa (the same "
+            "attention) on CPU"
         )
     return attn_implementation
 

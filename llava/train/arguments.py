@@ -31,7 +31,7 @@ class ModelArguments:
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (SigLIP has no CLS token)"})
     attn_implementation: str = field(
         default="sdpa",
-        metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention (trains on CUDA only: no CPU backward)"},
+        metadata={"help": "sdpa, eager, flash_attention_2 or flex_attention (the last two: CUDA only)"},
     )
 
     def __post_init__(self):
@@ -56,8 +56,8 @@ class ModelArguments:
 def check_trainable_attention(attn_implementation: str, device: torch.device) -> None:
     """Fail before any weight loads when the model to train cannot backpropagate through its attention on `device`.
 
-    FlexAttention runs forward anywhere torch has it (a frozen teacher on CPU is fine) but its backward needs a GPU;
-    without this check a CPU run would load both models and only fail at the first `backward`.
+    FlexAttention's backward needs a GPU (and `load_pretrained_model` refuses flex off CUDA even for inference:
+    torch's compiled CPU kernel is unreliable); without this check a CPU run would fail at the first `backward`.
     """
     if attn_implementation == "flex_attention" and device.type in NO_FLEX_BACKWARD_DEVICES:
         raise ValueError(
