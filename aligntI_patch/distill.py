@@ -32,6 +32,7 @@ from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
 from llava.train.data import make_supervised_data_module
+from llava.train.distributed import end_distributed_run
 from llava.train.llava_trainer import last_complete_checkpoint
 from llava.train.lora import apply_lora
 from llava.train.train import (
@@ -163,3 +164,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_distributed_run()

@@ -14,6 +14,7 @@ from llava.constants import TokenType
 from llava.tiny.fixtures import free_port
 from llava.train.arguments import TrainingArguments
 from llava.train.data import DataCollatorForSupervisedDataset
+from llava.train.distributed import end_distributed_run
 from llava.train.llava_trainer import SKIPPED_FILE, LLaVATrainer, ModalityGroupedSampler, SkippedSamples
 
 
@@ -121,3 +122,4 @@ def test_modality_sampler_follows_the_trainer_epoch_on_resume(tmp_path):
 
 if __name__ == "__main__":  # one rank of test_skip_lists_of_two_processes_are_gathered
     _trainer(sys.argv[1], ToyData(n=8), max_steps=2, save_steps=1).train()
+    end_distributed_run()

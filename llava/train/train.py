@@ -24,6 +24,7 @@ from llava.model.checkpoint import KEY_RENAMES
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_trainable_attention
 from llava.train.data import make_supervised_data_module
+from llava.train.distributed import end_distributed_run
 from llava.train.llava_trainer import LLaVATrainer, atomic_save, last_complete_checkpoint
 from llava.train.lora import apply_lora, save_lora
 
@@ -156,3 +157,4 @@ def train() -> None:
 
 if __name__ == "__main__":
     train()
+    end_distributed_run()
