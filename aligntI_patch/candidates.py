@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aligntI_patch.zero3 import gathered
+from llava.train.zero3 import gathered
 
 Strategy = Literal["nucleus", "greedy"]
 # The paper does not state p. 0.9 is the usual nucleus value (Holtzman et al., 2020) and keeps samples in
@@ -146,6 +146,7 @@ def sample_candidates_from_hidden(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     chunk_size: int = 1024,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Training-path sampler: lm_head only on the hidden states at k-1, ``chunk_size`` rows at a time.
 
@@ -153,6 +154,8 @@ def sample_candidates_from_hidden(
         lm: the student CausalLM (its ``get_output_embeddings()`` is applied).
         hidden: ``[B, T, H]`` final-layer hidden states of the ground-truth pass (detached here).
         cand_pos: ``[B, R]`` response positions k (``response_positions``), -1 padded.
+        vocab_size: draw only ids below it, the shared tokenizer's (lm_head rows past it are padding, e.g.
+            Qwen2-0.5B's 151936 rows for 151665 tokens: no tokenizer decodes them). None: every row.
 
     Returns:
         ``[B, R, d]`` long candidates (0 on padding groups).
@@ -166,9 +169,10 @@ def sample_candidates_from_hidden(
     # lm_head through its weight, gathered once: under ZeRO-3 each module call is a collective, and the number
     # of chunks differs between ranks
     with gathered(head.weight, head.bias):
+        weight = head.weight[:vocab_size]  # (V, H): the tokenizer's rows only
+        bias = None if head.bias is None else head.bias[:vocab_size]
         draws = [
-            sample_from_logits(F.linear(chunk, head.weight, head.bias), d, strategy, top_p, temperature,
-                               generator)
+            sample_from_logits(F.linear(chunk, weight, bias), d, strategy, top_p, temperature, generator)
             for chunk in prev.split(chunk_size)
         ]
     out = torch.zeros(B, R, d, dtype=torch.long, device=hidden.device)

@@ -4,10 +4,10 @@
         --vision_tower SIGLIP --pretrain_mm_mlp_adapter PROJ --data_path D.json --image_folder IMGS
         --version qwen_2 --output_dir OUT [--w_kd 1 --w_iva 1 --w_tpa 1 --divergence fkl ...]
 
-Baselines are flags of the same entry (see README): SFT (`--w_kd 0 --w_iva 0 --w_tpa 0`; no teacher is needed
-or loaded), vanilla KD (`--w_iva 0 --w_tpa 0`), MiniLLM-style reverse KL (`--divergence rkl`), JSD
-(`--divergence jsd`), GKD-style on-policy (`--on_policy_prob 0.5`, with a teacher term), uniform visual alignment
-(`--iva_weight_source uniform`), IVA only, TPA only.
+Baselines and ablations are named recipes of the same entry, one row of the paper each (`--recipe sft`, `kd`,
+`rkl`, `jsd`, `skew_kl`, `gkd`, `sft_iva`, `kd_iva`, `kd_tpa`, `tpa_iva`, `aligntI` (default), `uniform_iva`,
+`student_iva`; `aligntI_patch/recipes.py`); explicit flags override the recipe. The run writes the recipe and
+its resolved settings to OUTPUT_DIR/recipe.json.
 
 Resuming (the newest complete checkpoint-N of OUTPUT_DIR) reuses the run's OUTPUT_DIR/irs.json for
 `--iva_layer auto` rather than recomputing IRS.
@@ -15,6 +15,7 @@ Resuming (the newest complete checkpoint-N of OUTPUT_DIR) reuses the run's OUTPU
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -25,9 +26,10 @@ from aligntI_patch.arguments import DistillArguments
 from aligntI_patch.attention_hook import decoder_layers
 from aligntI_patch.irs import irs_per_layer, load_paired_batches, select_iva_layer, write_irs
 from aligntI_patch.iva import source_model
+from aligntI_patch.recipes import RECIPES
 from aligntI_patch.tpa import check_sliding_window
 from aligntI_patch.trainer import AlignTITrainer
-from aligntI_patch.zero3 import check_full_save, prepare_teacher, whole_weights, zero3_enabled
+from aligntI_patch.zero3 import prepare_teacher
 from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
@@ -43,6 +45,7 @@ from llava.train.train import (
     train_and_save,
     training_dtype,
 )
+from llava.train.zero3 import check_full_save, whole_weights, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +121,20 @@ def choose_iva_layer(args: DistillArguments, data_args: DataArguments, model_arg
         return layer
     a, b, n = load_paired_batches(tokenizer, image_processor, model, data_args.data_path, data_args.image_folder,
                                   model_args.version, args.irs_num_pairs, batch_size=8, seed=args.seed,
-                                  context_len=args.model_max_length)
+                                  context_len=args.model_max_length, pairing=args.irs_pairs)
     scores = irs_per_layer(model, a, b)
-    best = write_irs(args.output_dir, list(range(num_layers)), scores, n)
-    logger.info("IVA layer %d of %s (highest IRS over %d pairs; written to %s/irs.json)", best, name, n,
-                args.output_dir)
+    best = write_irs(args.output_dir, list(range(num_layers)), scores, n, args.irs_pairs)
+    logger.info("IVA layer %d of %s (highest IRS over %d %s pairs; written to %s/irs.json)", best, name, n,
+                args.irs_pairs, args.output_dir)
     return best
+
+
+def write_recipe(args: DistillArguments) -> None:
+    """OUTPUT_DIR/recipe.json: the recipe, the paper row it reproduces and every setting it resolved to."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "recipe.json"), "w", encoding="utf-8") as f:
+        json.dump(args.resolved_recipe, f, indent=1)
+    logger.info("Recipe %s (%s): %s", args.recipe, RECIPES[args.recipe].paper, args.resolved_recipe["settings"])
 
 
 def main() -> None:
@@ -147,6 +158,8 @@ def main() -> None:
     tokenizer = build_tokenizer(model_args, args, student)
     image_processor = load_image_processor(model_args.vision_tower or student.get_vision_tower().config)
     record_config(student, model_args, data_args, args)
+    if args.should_save:
+        write_recipe(args)
     vocab_size = len(tokenizer)
     if teacher is not None:
         vocab_size = check_pair(student, teacher, tokenizer, teacher_tok, args, model_args.model_name_or_path)

@@ -44,9 +44,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from aligntI_patch.divergences import token_divergence
+from llava import generation
 from llava.constants import IGNORE_INDEX
 from llava.conversation import get_conv_template, tokenize_conversation
-from llava.eval import model_vqa_loader as vqa
 from llava.model.builder import load_pretrained_model
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def load_questions(path: str | Path, num_prompts: int | None = None, seed: int =
     JSON with "conversations" (first human turn -> text, first gpt turn -> answer); a seeded subset."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        rows = vqa.read_questions(path)
+        rows = generation.read_questions(path)
     else:
         rows = []
         for rec in json.loads(path.read_text(encoding="utf-8")):
@@ -69,9 +69,9 @@ def load_questions(path: str | Path, num_prompts: int | None = None, seed: int =
     return rows
 
 
-def _prompts(model, tokenizer, image_processor, questions, image_folder, conv_mode) -> vqa.QuestionDataset:
+def _prompts(model, tokenizer, image_processor, questions, image_folder, conv_mode) -> generation.QuestionDataset:
     aspect = getattr(model.config, "image_aspect_ratio", None) or "pad"
-    return vqa.QuestionDataset(questions, image_folder, tokenizer, image_processor, conv_mode, aspect)
+    return generation.QuestionDataset(questions, image_folder, tokenizer, image_processor, conv_mode, aspect)
 
 
 @torch.inference_mode()
@@ -84,18 +84,18 @@ def sample_prefixes(
     Pure temperature sampling (temperature 0: greedy). Seeded once, so samples depend on `batch_size`.
     """
     dataset = _prompts(model, tokenizer, image_processor, questions, image_folder, conv_mode)
-    kwargs = vqa.generation_kwargs(model, tokenizer, temperature, max_new_tokens=max_len)
+    kwargs = generation.generation_kwargs(model, tokenizer, temperature, max_new_tokens=max_len)
     if temperature > 0:
         kwargs.update(top_k=0, top_p=1.0)  # sample from the full distribution, not a truncated one
     rows = model.get_output_embeddings().weight.shape[0]
     if rows > len(tokenizer):  # padded lm_head rows are no tokens (and the other model may lack them)
         kwargs["suppress_tokens"] = list(range(len(tokenizer), rows))
-    stops = torch.tensor(vqa.stop_token_ids(model, tokenizer))
+    stops = torch.tensor(generation.stop_token_ids(model, tokenizer))
     torch.manual_seed(seed)
     prefixes: list[Tensor] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="sampling prefixes", leave=False):
         batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        ids, mask, images = vqa.collate_left_padded(batch, kwargs["pad_token_id"])  # (B, T) left padded
+        ids, mask, images = generation.collate_left_padded(batch, kwargs["pad_token_id"])  # (B, T) left padded
         if images is not None:
             images = images.to(model.device, model.dtype)  # (n_img, 3, H, W)
         ids, mask = ids.to(model.device), mask.to(model.device)
@@ -186,7 +186,7 @@ def accumulated_errors(
     R(l) (Eq. 12) = E_test(l) (Eq. 10); "teacher" -> E(l) (Eq. 13); "data" -> E_train(l) (Eq. 9)."""
     if prefix_source not in ("student", "teacher", "data"):
         raise ValueError(f"prefix_source must be 'student', 'teacher' or 'data', got {prefix_source!r}")
-    conv_mode = conv_mode or vqa.default_conv_mode(student)
+    conv_mode = conv_mode or generation.default_conv_mode(student)
     proc_t = teacher_image_processor or image_processor
     common = dict(questions=questions, image_folder=image_folder, conv_mode=conv_mode)
     if prefix_source == "data":
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed for the prompt subset and the sampling")
     args = parser.parse_args(argv)
-    names = args.name or [vqa.model_name_from_path(p) for p in args.student_path]
+    names = args.name or [generation.model_name_from_path(p) for p in args.student_path]
     if len(names) != len(args.student_path) or args.max_len < 1:
         parser.error("give one --name per --student-path, and --max-len >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in args.student_path:  # fail before any model is loaded
         check_same_tokenizer(teacher_tok, AutoTokenizer.from_pretrained(path), args.teacher_path, path)
     tokenizer, teacher, teacher_proc, _ = load_pretrained_model(args.teacher_path, device=args.device)
-    conv_mode = args.conv_mode or vqa.default_conv_mode(teacher)
+    conv_mode = args.conv_mode or generation.default_conv_mode(teacher)
     questions = load_questions(args.question_file, args.num_prompts, args.seed)
     common = dict(questions=questions, image_folder=args.image_folder, conv_mode=conv_mode,
                   max_len=args.max_len, batch_size=args.batch_size)

@@ -5,15 +5,18 @@
 Design choices:
 - A layer whose instruction->vision importance barely changes between inputs is instruction-agnostic
   (low IRS); IVA reads alpha from the layer with the highest IRS (section 3.1, Fig. 4, Tab. 7).
-- Pairs (Appendix B.5: "two different queries"): different instructions on the same image when the
-  data has them, so that only the instruction changes; LLaVA records hold many turns on one image, so
-  `single_turn_records` splits them into one record per turn first. Data with one question per image
-  falls back to random pairs of different images (seeded).
+- Pairs: Eq. 4 is an expectation over i.i.d. pairs of inputs, so `iid` (the default) pairs random samples
+  (disjoint, seeded; as many as the data allows up to the count asked, the paper's 1K). `same_image` is the
+  controlled variant: different instructions on one image (Appendix B.5's "two different queries"), so that
+  only the instruction changes; LLaVA records hold many turns on one image, so `single_turn_records` splits
+  them into one record per turn first, and data with one question per image falls back to random pairs of
+  different images. The CLI reports both curves by default (`--pairs both`); the first one picks the layer.
 - One forward per batch captures every layer at once (head-averaged rows, see `capture_attention`).
 - Pairs where either alpha is all zero (no instruction token) carry no direction and are skipped.
 
-CLI: python -m aligntI_patch.irs --model-path P --data-path D.json --image-folder F [--num-pairs 64]
-     [--batch-size 8] [--output-dir DIR] [--conv-mode qwen_2]  ->  DIR/irs.json, DIR/irs.png
+CLI: python -m aligntI_patch.irs --model-path P --data-path D.json --image-folder F [--num-pairs 1000]
+     [--pairs both|iid|same_image] [--batch-size 8] [--output-dir DIR] [--conv-mode qwen_2]
+     ->  DIR/irs.json, DIR/irs.png
 (model via `llava.model.builder.load_pretrained_model`, data via `llava.train.data`).
 """
 
@@ -48,6 +51,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor]
+PAIRINGS = ("iid", "same_image")
+PAPER_NUM_PAIRS = 1000  # "1K" input pairs (section 3.1)
 
 
 def _pair_cosines(alpha_a: torch.Tensor, alpha_b: torch.Tensor) -> torch.Tensor:
@@ -151,15 +156,24 @@ def single_turn_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 
 def pair_samples(
-    records: Sequence[Mapping[str, Any]], num_pairs: int | None = None, seed: int = 0
+    records: Sequence[Mapping[str, Any]], num_pairs: int | None = None, seed: int = 0, pairing: str = "iid"
 ) -> list[tuple[int, int]]:
     """Index pairs (i, j) of records for Eq. 4's expectation.
 
-    Same image with different instructions when the data has any such pair (disjoint pairs inside each
-    image group, groups shuffled); otherwise random disjoint pairs of records with different images.
+    iid: random disjoint pairs of records (one seeded shuffle, consecutive records paired).
+    same_image: same image with different instructions when the data has any such pair (disjoint pairs inside
+    each image group, groups shuffled); otherwise random disjoint pairs of records with different images.
     Records without an image are never paired. Deterministic for a given seed.
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"IRS pairing must be one of {PAIRINGS}, got {pairing!r}")
     rng = random.Random(seed)
+    if pairing == "iid":
+        pool = [i for i, record in enumerate(records) if "image" in record]
+        rng.shuffle(pool)
+        pairs = list(zip(pool[0::2], pool[1::2]))
+        logger.info("IRS pairs: %d random (i.i.d.) pairs of samples", len(pairs))
+        return pairs[:num_pairs] if num_pairs is not None else pairs
     by_image: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         if "image" in record:
@@ -238,8 +252,12 @@ def select_iva_layer(
     return best
 
 
-def write_irs(output_dir: str | Path, layers: Sequence[int], scores: Sequence[float], num_pairs: int) -> int:
-    """Write irs.json and irs.png (IRS vs layer, best layer marked) to output_dir; returns the best layer."""
+def write_irs(output_dir: str | Path, layers: Sequence[int], scores: Sequence[float], num_pairs: int,
+              pairing: str = "iid", other_curves: Mapping[str, tuple[Sequence[float], int]] | None = None) -> int:
+    """Write irs.json and irs.png (IRS vs layer, best layer marked) to output_dir; returns the best layer.
+
+    `scores` (from `pairing`, `num_pairs` pairs) choose the layer; `other_curves` (pairing -> (scores, number of
+    pairs)) are reported beside them in both files."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,11 +272,16 @@ def write_irs(output_dir: str | Path, layers: Sequence[int], scores: Sequence[fl
         "irs": list(map(float, scores)),
         "best_layer": best,
         "num_pairs": num_pairs,
+        "pairing": pairing,
     }
+    curves = {pairing: (scores, num_pairs), **(other_curves or {})}
+    if other_curves:
+        result["curves"] = {k: {"irs": list(map(float, v)), "num_pairs": n} for k, (v, n) in curves.items()}
     (output_dir / "irs.json").write_text(json.dumps(result, indent=2))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(layers, scores, marker="o")
-    ax.axvline(best, color="tab:red", linestyle="--", label=f"best layer {best}")
+    for name, (values, n) in curves.items():
+        ax.plot(layers, values, marker="o", label=f"{name} pairs ({n})")
+    ax.axvline(best, color="tab:red", linestyle="--", label=f"best layer {best} ({pairing})")
     ax.set_xlabel("layer")
     ax.set_ylabel("IRS (Eq. 4)")
     ax.legend()
@@ -279,6 +302,7 @@ def load_paired_batches(
     batch_size: int,
     seed: int = 0,
     context_len: int = 2048,
+    pairing: str = "iid",
 ) -> tuple[list[Batch], list[Batch], int]:
     """Collated (batches_a, batches_b, number of pairs) from a LLaVA JSON file, through our own data pipeline.
 
@@ -301,7 +325,7 @@ def load_paired_batches(
     dataset.records = single_turn_records(dataset.records)
     collate = DataCollatorForSupervisedDataset(pad_token_id=tokenizer.pad_token_id)
     items_a, items_b = [], []
-    for i, j in pair_samples(dataset.records, seed=seed):  # all candidates: bad pairs are dropped below
+    for i, j in pair_samples(dataset.records, seed=seed, pairing=pairing):  # all: bad pairs are dropped below
         if len(items_a) == num_pairs:
             break
         try:
@@ -328,7 +352,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
     parser.add_argument("--data-path", required=True, help="LLaVA conversation JSON")
     parser.add_argument("--image-folder", required=True, help="folder the JSON's image paths are relative to")
-    parser.add_argument("--num-pairs", type=int, default=64, help="input pairs to average over (paper: 1000)")
+    parser.add_argument("--num-pairs", type=int, default=PAPER_NUM_PAIRS,
+                        help="input pairs to average over, at most (the paper's 1000; fewer if the data has fewer)")
+    parser.add_argument("--pairs", choices=(*PAIRINGS, "both"), default="both",
+                        help="iid (Eq. 4's random pairs), same_image (one image, two instructions), or both curves "
+                             "(the layer is chosen from iid)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward")
     parser.add_argument("--output-dir", default=".", help="where irs.json and irs.png go")
     parser.add_argument(
@@ -343,13 +371,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer, model, image_processor, context_len = load_pretrained_model(args.model_path, args.model_base)
     model.eval()
     conv_mode = args.conv_mode or getattr(model.config, "conv_template", None) or "qwen_2"
-    batches_a, batches_b, num_pairs = load_paired_batches(
-        tokenizer, image_processor, model, args.data_path, args.image_folder, conv_mode,
-        args.num_pairs, args.batch_size, args.seed, context_len,
-    )  # fmt: skip
     layers = list(range(len(decoder_layers(model))))
-    scores = irs_per_layer(model, batches_a, batches_b, layers, progress=True)
-    best = write_irs(args.output_dir, layers, scores, num_pairs)
+    curves = {}
+    for pairing in PAIRINGS if args.pairs == "both" else (args.pairs,):
+        batches_a, batches_b, num_pairs = load_paired_batches(
+            tokenizer, image_processor, model, args.data_path, args.image_folder, conv_mode,
+            args.num_pairs, args.batch_size, args.seed, context_len, pairing,
+        )  # fmt: skip
+        curves[pairing] = (irs_per_layer(model, batches_a, batches_b, layers, progress=True), num_pairs)
+    (first, (scores, num_pairs)), *others = curves.items()
+    best = write_irs(args.output_dir, layers, scores, num_pairs, first, dict(others))
     logger.info("best layer %d (IRS %.4f); wrote %s", best, scores[best], Path(args.output_dir) / "irs.json")
 
 

@@ -230,9 +230,12 @@ class TPAConfig:
     temperature: float = 1.0
     dedupe: bool = True  # exact: same loss and gradients, fewer rows
     chunk_size: int = 1024  # rows of logits per lm_head call while sampling
+    vocab_size: int | None = None  # candidates only from the shared tokenizer's ids (None: every lm_head row)
 
     def __post_init__(self) -> None:
         check_sampling(self.d, self.strategy, self.top_p, self.temperature)
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
@@ -276,7 +279,8 @@ def tpa_forward(
 
     def make_rows(hidden: torch.Tensor) -> CandidateRows:
         cands = sample_candidates_from_hidden(
-            student, hidden, cand_pos, cfg.d, cfg.strategy, cfg.top_p, cfg.temperature, generator, cfg.chunk_size
+            student, hidden, cand_pos, cfg.d, cfg.strategy, cfg.top_p, cfg.temperature, generator, cfg.chunk_size,
+            cfg.vocab_size,
         )  # (B, R, d)
         if cfg.dedupe:
             return dedupe_candidates(cand_pos, cands, gt_ids)

@@ -10,10 +10,11 @@ Design choices:
   ground-truth logits. The teacher's IVA attention is recomputed by a hook during its ground-truth pass.
 - Every term is a token SUM divided by its count over the whole global batch (all accumulation micro-batches
   and processes, counted in `get_batch_samples`): 2 x 4 accumulation equals one batch of 8 exactly.
-  Response terms divide by response tokens, IVA by the samples that have an image (Eq. 3 is per sample).
+  Response terms divide by response tokens, IVA by the samples that have an image (Eq. 3 is per sample),
+  L_sft by the response tokens it trains on (GKD's on-policy batches carry no L_sft unless --on_policy_sft).
 - The term sums run as the student's forward called through its DeepSpeed engine or DDP wrapper, so the
   wrapper's bookkeeping runs as for `model(**inputs)`. Under ZeRO-3 the teacher is partitioned too
-  (`zero3.py`), directly read lm_head weights are gathered, and every rank calls the same modules in order.
+  (`aligntI_patch/zero3.py`, `llava/train/zero3.py`), directly read lm_head weights are gathered, and every rank calls the same modules in order.
 - Resume is exact: each checkpoint holds every process's sampling state (TPA's candidate generator, which lives
   on the device of the logits it samples, and the on-policy draws) in `sampling_state_{rank}.pth`. On-policy
   generation runs on its own seeded torch stream, so it never touches the global RNG that HF restores after
@@ -38,9 +39,10 @@ from aligntI_patch.iva import importance_from_attention, iva_weights
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
 from aligntI_patch.on_policy import on_policy_batch
 from aligntI_patch.tpa import TPAConfig, ground_truth_pass, tpa_forward
-from aligntI_patch.zero3 import gathered, hold_lm_head, needs_blank_image, through_wrapper
+from aligntI_patch.zero3 import hold_lm_head
 from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 from llava.train.llava_trainer import LLaVATrainer
+from llava.train.zero3 import gathered, needs_blank_image, through_wrapper
 
 logger = logging.getLogger(__name__)
 TERMS = ("sft", "kd", "iva", "tpa")
@@ -52,10 +54,17 @@ def sampling_generator(device: torch.device | str, seed: int) -> torch.Generator
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def batch_counts(batch: dict) -> torch.Tensor:
-    """[response tokens predicted, samples with an image] of one micro-batch: the terms' normalisers."""
-    return torch.stack([prediction_rows(batch["labels"])[0].sum(),
-                        (batch["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum()]).float()  # (2,)
+def sft_applies(batch: dict, on_policy_sft: bool) -> bool:
+    """L_sft trains on ground-truth replies, and on the student's own (on-policy) ones only when asked."""
+    return on_policy_sft or not batch.get("on_policy", False)
+
+
+def batch_counts(batch: dict, on_policy_sft: bool = False) -> torch.Tensor:
+    """[response tokens predicted, samples with an image, response tokens L_sft trains on] of one micro-batch:
+    the terms' normalisers."""
+    response = prediction_rows(batch["labels"])[0].sum()
+    sft = response if sft_applies(batch, on_policy_sft) else torch.zeros_like(response)
+    return torch.stack([response, (batch["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum(), sft]).float()  # (3,)
 
 
 class AlignTITrainer(LLaVATrainer):
@@ -68,12 +77,13 @@ class AlignTITrainer(LLaVATrainer):
         a = self.args
         self.weights = {"sft": a.w_sft, "kd": a.w_kd, "iva": a.w_iva, "tpa": a.w_tpa}
         self.tpa_cfg = TPAConfig(d=a.tpa_num_samples, strategy=a.tpa_sampling, top_p=a.tpa_top_p,
-                                 temperature=a.tpa_temperature, dedupe=a.tpa_dedupe, chunk_size=a.loss_chunk_size)
+                                 temperature=a.tpa_temperature, dedupe=a.tpa_dedupe, chunk_size=a.loss_chunk_size,
+                                 vocab_size=vocab_size)
         # the student's logits live on the training device (HF or DeepSpeed moves the model there)
         self.generator = sampling_generator(a.device, a.seed)
         self.on_policy_rng = random.Random(a.seed)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by global counts itself
-        self.global_counts = {"response": 1.0, "images": 1.0}
+        self.global_counts = {"response": 1.0, "images": 1.0, "sft": 1.0}
         self.log_keys = [f"loss_{k}" for k in TERMS if self.weights[k] > 0] + list(COUNTS)
         self.log_sums: torch.Tensor | None = None  # (len(log_keys),) this process's shares since the last log
         self.log_window_start = 0  # global step before the window's first step (set at its first micro-batch)
@@ -101,14 +111,16 @@ class AlignTITrainer(LLaVATrainer):
 
     # -- normalisation ------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Also count, over all accumulation micro-batches and processes, response tokens and image samples."""
+        """Also count, over all accumulation micro-batches and processes, response tokens, image samples and the
+        response tokens L_sft trains on."""
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.args.on_policy_prob:  # before counting, so that on-policy tokens are normalised by their own count
             batches = [self.maybe_on_policy(b) for b in batches]
-        counts = sum((batch_counts(b).to(device) for b in batches), torch.zeros(2, device=device))
+        counts = sum((batch_counts(b, self.args.on_policy_sft).to(device) for b in batches),
+                     torch.zeros(3, device=device))
         if self.args.world_size > 1:
             counts = self.accelerator.gather(counts[None]).sum(0)
-        self.global_counts = {"response": max(float(counts[0]), 1.0), "images": max(float(counts[1]), 1.0)}
+        self.global_counts = {k: max(float(c), 1.0) for k, c in zip(("response", "images", "sft"), counts)}
         return batches, num_items
 
     def maybe_on_policy(self, batch: dict) -> dict:
@@ -126,7 +138,7 @@ class AlignTITrainer(LLaVATrainer):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return on_policy_batch(student, batch, self.processing_class, self.args.on_policy_max_new_tokens,
-                                   blank)
+                                   blank, self.args.on_policy_temperature, self.vocab_size)
 
     # -- the loss -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -134,14 +146,14 @@ class AlignTITrainer(LLaVATrainer):
         self.pop_skipped(inputs)
         student = self.accelerator.unwrap_model(model)
         sums = through_wrapper(model, student, functools.partial(self.term_sums, student), inputs)
-        scale = {"sft": "response", "kd": "response", "tpa": "response", "iva": "images"}
+        scale = {"sft": "sft", "kd": "response", "tpa": "response", "iva": "images"}
         terms = {k: v / self.global_counts[scale[k]] for k, v in sums.items()}
         total = sum(self.weights[k] * terms[k] for k in terms)
         if self.log_sums is None:  # first micro-batch since the last log (or since the start / the resume)
             self.log_window_start = self.state.global_step
             self.log_sums = torch.zeros(len(self.log_keys), device=total.device)
         term_shares = torch.stack([terms[k].detach().float() for k in TERMS if k in terms])
-        self.log_sums += torch.cat([term_shares, batch_counts(inputs).to(total.device)])
+        self.log_sums += torch.cat([term_shares, batch_counts(inputs)[:2].to(total.device)])
         if self.args.world_size > 1 and self.args.average_tokens_across_devices:
             total = total * self.args.world_size  # data parallelism averages gradients; counts are global
         return (total, None) if return_outputs else total
@@ -188,8 +200,9 @@ class AlignTITrainer(LLaVATrainer):
                   **a.divergence_kwargs}
         sums = {}
         with gathered(s_head, t_head):  # ZeRO-3: the teacher's head is read directly (the student's is held)
-            if "sft" in enabled:
-                sums["sft"] = sft_loss(s_hidden, s_head, labels, a.loss_chunk_size)
+            if "sft" in enabled:  # zero on an on-policy batch (unless --on_policy_sft): GKD trains no SFT there
+                sums["sft"] = (sft_loss(s_hidden, s_head, labels, a.loss_chunk_size)
+                               if sft_applies(inputs, a.on_policy_sft) else s_hidden.new_zeros(()))
             if "kd" in enabled:
                 sums["kd"] = kd_loss(s_hidden, s_head, t_hidden, t_head, labels, **common)
             if "iva" in enabled:

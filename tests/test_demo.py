@@ -168,7 +168,7 @@ def test_focus_alpha_is_eq3_alpha_of_the_question(chat, world_image):
 
 # ----------------------------------------------------------------------------------------- streaming
 def test_streamed_greedy_reply_equals_batched_generation(chat, world_image):
-    from llava.eval.model_vqa_loader import generate_answers
+    from llava.generation import generate_answers
 
     question = "What color is the circle?"
     state = ChatState(world_image, [[question, None]])

@@ -220,29 +220,6 @@ def test_two_process_distillation_zero2(tmp_path, pair, mini_world):
     assert (out / "model.safetensors").is_file()
 
 
-def test_on_policy_batch_replaces_responses_with_student_samples(tmp_path, pair, tokenizer, mini_world):
-    """GKD baseline: same prompts (images kept), responses sampled from the student, supervised, closed."""
-    from aligntI_patch.on_policy import on_policy_batch
-    from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TokenType
-
-    student_path, teacher_path = pair
-    trainer = _trainer(_args(tmp_path, teacher_path), student_path, tokenizer, mini_world)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    batch.pop("skipped", None)
-    torch.manual_seed(0)
-    new = on_policy_batch(trainer.model, batch, tokenizer, max_new_tokens=6)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert "images" in new and int((new["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == int(
-        (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-    for b in range(3):
-        first = int((batch["token_types"][b] == TokenType.RESPONSE).nonzero()[0])
-        assert torch.equal(new["input_ids"][b, :first], batch["input_ids"][b, :first])  # same prompt
-        resp = new["labels"][b][new["labels"][b] != IGNORE_INDEX]
-        assert 1 <= len(resp) <= 7 and int(resp[-1]) == eos
-        assert (new["token_types"][b][new["labels"][b] != IGNORE_INDEX] == TokenType.RESPONSE).all()
-    assert trainer.model.training  # training mode restored
-
-
 def test_teacher_attention_implementation(tmp_path, pair):
     """--teacher_attn_implementation reaches the teacher's LLM; flex_attention is refused off CUDA before loading."""
     _, teacher_path = pair

@@ -19,7 +19,7 @@ from aligntI_patch.exposure_bias import (
     sample_prefixes,
     step_divergences,
 )
-from llava.eval.model_vqa_loader import QuestionDataset
+from llava.generation import QuestionDataset
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
 

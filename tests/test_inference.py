@@ -14,8 +14,10 @@ import sys
 import pytest
 from PIL import Image
 
+from llava import generation
 from llava.eval import eval_tiny, model_vqa_loader, model_vqa_mmbench, model_vqa_science
-from llava.eval.model_vqa_loader import generate_answers, get_chunk, read_questions, split_list
+from llava.eval.model_vqa_loader import get_chunk, split_list
+from llava.generation import generate_answers, read_questions
 
 LLAVA_ANSWER_FIELDS = ["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]
 MAX_NEW = 6
@@ -319,6 +321,6 @@ def test_default_conv_mode_follows_the_checkpoint_then_its_llm_family():
     def model(**config):
         return SimpleNamespace(config=SimpleNamespace(**config))
 
-    assert model_vqa_loader.default_conv_mode(model(model_type="llava_qwen3", conv_template="plain")) == "plain"
-    assert model_vqa_loader.default_conv_mode(model(model_type="llava_qwen3", conv_template=None)) == "qwen_3"
-    assert model_vqa_loader.default_conv_mode(model(model_type="llava_qwen2")) == "qwen_2"
+    assert generation.default_conv_mode(model(model_type="llava_qwen3", conv_template="plain")) == "plain"
+    assert generation.default_conv_mode(model(model_type="llava_qwen3", conv_template=None)) == "qwen_3"
+    assert generation.default_conv_mode(model(model_type="llava_qwen2")) == "qwen_2"

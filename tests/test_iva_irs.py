@@ -243,23 +243,37 @@ def test_pair_samples_prefers_same_image_different_instruction() -> None:
         record(None, "Tell me a joke.", 4),
         record("b.png", "What is on the left?", 5),
     ]
-    pairs = pair_samples(records, seed=0)
+    pairs = pair_samples(records, seed=0, pairing="same_image")
     assert sorted(tuple(sorted(p)) for p in pairs) in ([(0, 2), (1, 5)], [(1, 5), (2, 3)])
     for i, j in pairs:
         assert records[i]["image"] == records[j]["image"]
         assert records[i]["conversations"][0] != records[j]["conversations"][0]
-    assert pair_samples(records, seed=0) == pairs  # deterministic
-    assert len(pair_samples(records, num_pairs=1, seed=0)) == 1
+    assert pair_samples(records, seed=0, pairing="same_image") == pairs  # deterministic
+    assert len(pair_samples(records, num_pairs=1, seed=0, pairing="same_image")) == 1
 
 
 def test_pair_samples_falls_back_to_random_different_images() -> None:
     records = [record(f"{i % 5}.png", f"q{i}", i) for i in range(5)] + [record(None, "text", 5)]
-    pairs = pair_samples(records, seed=1)
+    pairs = pair_samples(records, seed=1, pairing="same_image")
     assert len(pairs) == 2
     used = [i for p in pairs for i in p]
     assert len(set(used)) == 4 and 5 not in used
     assert all(records[i]["image"] != records[j]["image"] for i, j in pairs)
-    assert pair_samples(records, seed=1) == pairs and len(pair_samples(records, num_pairs=1, seed=1)) == 1
+    assert pair_samples(records, seed=1, pairing="same_image") == pairs
+    assert len(pair_samples(records, num_pairs=1, seed=1, pairing="same_image")) == 1
+
+
+def test_iid_pairs_are_random_disjoint_pairs_of_image_samples() -> None:
+    """Eq. 4's expectation over i.i.d. inputs: any two image samples may pair (same image or not)."""
+    records = [record(f"{i % 3}.png", f"q{i}", i) for i in range(40)] + [record(None, "text", 40)]
+    pairs = pair_samples(records, seed=0)
+    assert len(pairs) == 20 and len({i for p in pairs for i in p}) == 40  # disjoint, every image sample once
+    same = sum(records[i]["image"] == records[j]["image"] for i, j in pairs)
+    assert 0 < same < 20  # neither forced nor excluded
+    assert pair_samples(records, seed=0) == pairs and pair_samples(records, seed=1) != pairs
+    assert pair_samples(records, num_pairs=5, seed=0) == pairs[:5]
+    with pytest.raises(ValueError, match="pairing must be one of"):
+        pair_samples(records, pairing="same")
 
 
 def test_single_turn_records_split_multi_turn_conversations() -> None:
@@ -279,7 +293,7 @@ def test_single_turn_records_split_multi_turn_conversations() -> None:
         {"from": "human", "value": "<image>\nHow many?"},
         {"from": "gpt", "value": "Two."},
     ]
-    assert pair_samples(out) == [(0, 1)] or pair_samples(out) == [(1, 0)]
+    assert pair_samples(out, pairing="same_image") in ([(0, 1)], [(1, 0)])
 
 
 # ---------------------------------------------------------------- layer selection
@@ -298,7 +312,11 @@ def test_select_iva_layer(tmp_path) -> None:
     best = write_irs(tmp_path, [0, 1, 2], [0.1, 0.4, 0.2], num_pairs=8)
     assert best == 1 and (tmp_path / "irs.png").stat().st_size > 0
     saved = json.loads((tmp_path / "irs.json").read_text())
-    assert saved == {"layers": [0, 1, 2], "irs": [0.1, 0.4, 0.2], "best_layer": 1, "num_pairs": 8}
+    assert saved == {"layers": [0, 1, 2], "irs": [0.1, 0.4, 0.2], "best_layer": 1, "num_pairs": 8, "pairing": "iid"}
+    both = write_irs(tmp_path / "both", [0, 1, 2], [0.3, 0.1, 0.2], 8, "iid", {"same_image": ([0.1, 0.2, 0.5], 6)})
+    curves = json.loads((tmp_path / "both" / "irs.json").read_text())["curves"]
+    assert both == 0 and curves == {"iid": {"irs": [0.3, 0.1, 0.2], "num_pairs": 8},
+                                    "same_image": {"irs": [0.1, 0.2, 0.5], "num_pairs": 6}}
     assert select_iva_layer("auto", model, irs_path=tmp_path / "irs.json") == 1
     (tmp_path / "bad.json").write_text(json.dumps({**saved, "best_layer": 9}))
     with pytest.raises(ValueError, match="best_layer 9 out of range for the teacher, which has 3 layers"):
@@ -431,7 +449,10 @@ def test_irs_cli_end_to_end(tmp_path) -> None:
           "--image-folder", str(tmp_path), "--num-pairs", "5", "--batch-size", "2",
           "--output-dir", str(tmp_path / "out")])  # fmt: skip
     result = json.loads((tmp_path / "out" / "irs.json").read_text())
-    assert result["layers"] == [0, 1, 2] and result["num_pairs"] == 5  # 3 images x 2 disjoint turn pairs >= 5
-    assert len(result["irs"]) == 3 and all(0 <= s <= 1 for s in result["irs"])
+    # 12 single turns: 6 disjoint iid pairs >= 5; same-image: 3 images x 2 disjoint turn pairs >= 5
+    assert result["layers"] == [0, 1, 2] and result["num_pairs"] == 5 and result["pairing"] == "iid"
+    assert {k: v["num_pairs"] for k, v in result["curves"].items()} == {"iid": 5, "same_image": 5}
+    assert result["curves"]["iid"]["irs"] == result["irs"]
+    assert all(0 <= s <= 1 for c in result["curves"].values() for s in c["irs"]) and len(result["irs"]) == 3
     assert result["best_layer"] == max(range(3), key=result["irs"].__getitem__)
     assert (tmp_path / "out" / "irs.png").stat().st_size > 0

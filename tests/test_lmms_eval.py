@@ -222,7 +222,7 @@ def test_device_follows_the_accelerator(lmm, monkeypatch):
 
 
 def test_generate_until_equals_generate_answers_and_cuts_at_stops(lmm, mini_world):
-    from llava.eval.model_vqa_loader import generate_answers
+    from llava.generation import generate_answers
 
     rows = task_rows(mini_world)[:5]
     lmm.task_dict = {"t": {"test": rows}}
@@ -247,7 +247,7 @@ def test_generate_until_equals_generate_answers_and_cuts_at_stops(lmm, mini_worl
 @pytest.mark.timeout(900)
 def test_lmms_eval_cli_end_to_end_offline(mini_checkpoint, mini_world, tmp_path, capsys):
     """`python -m lmms_eval --model llava_aligntI ... --tasks tiny_world,tiny_world_mc` from a fresh folder."""
-    from llava.eval.model_vqa_loader import generate_answers
+    from llava.generation import generate_answers
     from llava.model.builder import load_pretrained_model
 
     write_task_jsonl(mini_world, tmp_path / TASK_JSONL)

@@ -394,6 +394,33 @@ def test_sample_from_hidden_matches_logits_path():
         assert torch.equal(got, gather_positions(ref, cand_pos))
 
 
+def test_sampler_draws_only_tokenizer_ids_from_a_padded_head():
+    """lm_head rows past the tokenizer's vocabulary (padding, as Qwen2's) never become candidates, even when
+    they carry almost all of the probability mass."""
+    model = tiny_lm("qwen2")
+    vocab = V - 8
+    with torch.no_grad():  # the padded rows point along every hidden state: they dominate the softmax
+        model.lm_head.weight[vocab:] = 0
+        input_ids, embeds, attention_mask, position_ids, response_mask = embedded(model, "left")
+        hidden, _ = tpa.ground_truth_pass(model, embeds, attention_mask, position_ids, use_cache=False)
+        model.lm_head.weight[vocab:] = 50 * hidden.reshape(-1, hidden.shape[-1]).mean(0)
+        assert bool((model.lm_head(hidden).argmax(-1) >= vocab).all())
+    cand_pos = response_positions(response_mask)
+    valid = cand_pos >= 0
+    for strategy in ("greedy", "nucleus"):
+        gen = torch.Generator().manual_seed(0)
+        unrestricted = sample_candidates_from_hidden(model, hidden, cand_pos, 4, strategy, generator=gen)
+        assert bool((unrestricted[valid] >= vocab).any())  # the control: the padded rows would be drawn
+        gen = torch.Generator().manual_seed(0)
+        got = sample_candidates_from_hidden(model, hidden, cand_pos, 4, strategy, generator=gen, vocab_size=vocab)
+        assert bool((got[valid] < vocab).all())
+        with torch.no_grad():  # greedy = the top-4 of the tokenizer's columns of the plain logits
+            ref = model.lm_head(hidden)[..., :vocab].topk(4, dim=-1).indices
+        if strategy == "greedy":
+            assert torch.equal(got, gather_positions(ref, (cand_pos - 1).masked_fill(~valid, -1)).masked_fill(
+                ~valid[..., None], 0))
+
+
 def test_nucleus_support_and_determinism():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(500, 4)

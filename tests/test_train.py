@@ -16,12 +16,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from aligntI_patch.zero3 import needs_blank_image
 from llava.model.builder import load_pretrained_model
 from llava.tiny.fixtures import free_port, mini_llava, save_mini_checkpoint
 from llava.train import arguments
 from llava.train.arguments import ModelArguments, TrainingArguments, check_trainable_attention
 from llava.train.train import build_model
+from llava.train.zero3 import needs_blank_image
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,17 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aligntI_patch import candidates, tpa
-from aligntI_patch.zero3 import (
-    check_full_save,
-    gathered,
-    hold_lm_head,
-    needs_blank_image,
-    prepare_teacher,
-    teacher_ds_config,
-    through_wrapper,
-    whole_weights,
-)
+from aligntI_patch.zero3 import hold_lm_head, prepare_teacher, teacher_ds_config
 from llava.tiny.fixtures import free_port, mini_llava, save_mini_checkpoint
+from llava.train.zero3 import check_full_save, gathered, needs_blank_image, through_wrapper, whole_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,13 +22,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from llava.eval.model_vqa_loader import (
-    answer_record,
-    generate_answers,
-    model_name_from_path,
-    read_questions,
-    write_jsonl_atomic,
-)
+from llava.eval.model_vqa_loader import answer_record, write_jsonl_atomic
+from llava.generation import generate_answers, model_name_from_path, read_questions
 from llava.tiny.score import format_table, summarize
 
 logger = logging.getLogger(__name__)

@@ -162,7 +162,7 @@ class LlavaAlignTI(lmms):
             raise ValueError(f"unknown model_args for {MODEL_ID}: {sorted(kwargs)}")
         from accelerate import Accelerator
 
-        from llava.eval.model_vqa_loader import default_conv_mode
+        from llava.generation import default_conv_mode
         from llava.model.builder import load_pretrained_model
 
         keep_loglikelihood_pairs()
@@ -247,7 +247,7 @@ class LlavaAlignTI(lmms):
 
     def generate_until(self, requests) -> list[str]:
         """Greedy (or sampled, as the task asks) answers through `generate_answers`, in request order."""
-        from llava.eval.model_vqa_loader import generate_answers
+        from llava.generation import generate_answers
 
         groups: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):

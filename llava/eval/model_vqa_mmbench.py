@@ -7,7 +7,7 @@ The prompt is `hint\\nquestion\\nA. ...\\nB. ...` (hint only when present; optio
 one), plus the single-prediction instruction with `--single-pred-prompt`. `--all-rounds` asks every
 circular rotation of the options (round r shows the options rotated left r times; `option_char` lists the
 original letters in the order shown), as LLaVA does for MMBench's CircularEval (`eval_mmbench` scores it).
-Images stay encoded until the loader decodes them. Generation is `model_vqa_loader.generate_answers`.
+Images stay encoded until the loader decodes them. Generation is `llava.generation.generate_answers`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import os
 from llava.eval.model_vqa_loader import (
     add_common_args,
     answer_record,
-    generate_answers,
     generate_options,
     get_chunk,
     load_model,
-    model_name_from_path,
     write_jsonl_atomic,
 )
+from llava.generation import generate_answers, model_name_from_path
 
 logger = logging.getLogger(__name__)
 

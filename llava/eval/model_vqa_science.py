@@ -5,7 +5,7 @@
 
 The user message is the first human turn with `<image>` removed (put back in front when the record has an
 image), plus LLaVA's single-prediction instruction with `--single-pred-prompt`. Generation is
-`model_vqa_loader.generate_answers`; the answers file is LLaVA's (`prompt` carries the `<image>` tag).
+`llava.generation.generate_answers`; the answers file is LLaVA's (`prompt` carries the `<image>` tag).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval.model_vqa_loader import (
     add_common_args,
     answer_record,
-    generate_answers,
     generate_options,
     get_chunk,
     load_model,
-    model_name_from_path,
     write_jsonl_atomic,
 )
+from llava.generation import generate_answers, model_name_from_path
 
 logger = logging.getLogger(__name__)
 

@@ -134,7 +134,7 @@ class LlavaMetaForCausalLM:
         generation); by default each row keeps the side it was padded on.
 
         `vision_in_step`: a batch without images still encodes one blank image and adds 0 x its features, so
-        that every rank of a multi-process run calls the same modules (`aligntI_patch.zero3.needs_blank_image`);
+        that every rank of a multi-process run calls the same modules (`llava.train.zero3.needs_blank_image`);
         the result is unchanged and the projector gets a zero gradient.
         """
         embed = self.get_model().embed_tokens

@@ -19,7 +19,7 @@ from transformers import TextStreamer
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template, tokenize_conversation
-from llava.eval.model_vqa_loader import default_conv_mode, generation_kwargs
+from llava.generation import default_conv_mode, generation_kwargs
 from llava.mm_utils import process_images
 from llava.model.builder import load_pretrained_model
 

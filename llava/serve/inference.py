@@ -33,7 +33,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import Conversation, get_conv_template, tokenize_conversation
-from llava.eval.model_vqa_loader import default_conv_mode, generation_kwargs
+from llava.generation import default_conv_mode, generation_kwargs
 from llava.mm_utils import process_images
 from llava.serve.focus import focus_alpha, focus_heatmap, resolve_focus_layer
 

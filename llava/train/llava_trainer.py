@@ -25,8 +25,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from aligntI_patch.zero3 import gathered, needs_blank_image
 from llava.train.lora import NON_LORA_FILE, load_non_lora_trainables, non_lora_trainables
+from llava.train.zero3 import gathered, needs_blank_image
 
 logger = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_samples.json"

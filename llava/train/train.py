@@ -6,7 +6,7 @@
 The pretrain stage (`--tune_mm_mlp_adapter True`) saves the projector (`mm_projector.safetensors`), the
 finetune stage a full checkpoint; both resume from the newest complete `checkpoint-N` in `output_dir`.
 Under DeepSpeed ZeRO-3 the model loads whole and is partitioned when the trainer wraps it, as in distillation
-(`aligntI_patch.zero3`); every rank takes part in the final save, which gathers the weights rank 0 writes.
+(`llava.train.zero3`); every rank takes part in the final save, which gathers the weights rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
-from aligntI_patch.zero3 import check_full_save, gathered, whole_weights
 from llava.model import llava_class_for
 from llava.model.checkpoint import KEY_RENAMES
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
@@ -27,6 +26,7 @@ from llava.train.data import make_supervised_data_module
 from llava.train.distributed import end_distributed_run
 from llava.train.llava_trainer import LLaVATrainer, atomic_save, last_complete_checkpoint
 from llava.train.lora import apply_lora, save_lora
+from llava.train.zero3 import check_full_save, gathered, whole_weights
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,10 @@
 #   VERSION        qwen_2 | qwen_3;   OUTPUT_DIR  default ./checkpoints/llava-qwen-aligntI (in the repository)
 #   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in finetune.sh (paper: lr 2e-5, global batch 128);
 #                  DS_CONFIG=./scripts/zero3.json also partitions the teacher (README, "ZeRO-3")
-#   DISTILL_ARGS   extra flags, e.g. "--w_tpa 0" (IVA only), "--divergence rkl", "--tpa_sampling greedy"
-#                  (defaults: --w_sft 1 --w_kd 1 --w_iva 1 --w_tpa 1 --divergence fkl --iva_layer auto
-#                   --iva_weight_source teacher --tpa_num_samples 4 --tpa_sampling nucleus --tpa_top_p 0.9),
+#   DISTILL_ARGS   extra flags, e.g. "--recipe kd" (vanilla KD), "--recipe sft_iva" (Table 4's IVA only),
+#                  "--tpa_sampling greedy" (defaults: --recipe aligntI = --w_sft 1 --w_kd 1 --w_iva 1 --w_tpa 1
+#                   --divergence fkl --iva_layer auto --iva_weight_source teacher --tpa_num_samples 4
+#                   --tpa_sampling nucleus --tpa_top_p 0.9; recipes: README),
 #                  split as a shell would: DISTILL_ARGS='--irs_path "/my data/irs.json"' is two arguments
 #                  (nothing in it is expanded; relative paths in it are read from the repository root)
 # Relative paths in TEACHER MODEL PRETRAIN_DIR VISION_TOWER DATA_PATH IMAGE_FOLDER OUTPUT_DIR DS_CONFIG

@@ -1,4 +1,5 @@
-"""What every vision tower shares: LLaVA's feature selection arguments and the frozen module's dtype/device."""
+"""What every vision tower shares: LLaVA's feature selection arguments, the frozen module's dtype/device, and
+the PIL image processor class."""
 
 from __future__ import annotations
 
@@ -27,3 +28,12 @@ class VisionTowerBase(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.vision_tower.parameters()).device
+
+
+def pil_image_processor_class() -> type:
+    """transformers' PIL SigLIP image processor (the torchvision-backed one is avoided: see DESIGN.md traps)."""
+    try:
+        from transformers import SiglipImageProcessorPil as Processor
+    except ImportError:  # older transformers
+        from transformers import SiglipImageProcessor as Processor
+    return Processor

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .base import VisionTowerBase
+from .base import VisionTowerBase, pil_image_processor_class
 
 OPEN_CLIP_PREFIX = "open_clip:"
 HF_HUB_PREFIX = "hf-hub:"
@@ -226,8 +226,6 @@ class OpenCLIPVisionTower(VisionTowerBase):
 def load_image_processor(name_or_config: str | OpenCLIPVisionConfig):
     """transformers' PIL image processor doing open_clip's eval preprocessing (see the module docstring)."""
     from transformers.image_utils import PILImageResampling
-
-    from .siglip_encoder import pil_image_processor_class
 
     config = describe_open_clip_tower(name_or_config) if isinstance(name_or_config, str) else name_or_config
     cfg = config.open_clip_config["preprocess_cfg"]

@@ -12,18 +12,9 @@ import os
 import torch
 from transformers import AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
-from .base import VisionTowerBase
+from .base import VisionTowerBase, pil_image_processor_class
 from .open_clip_encoder import OpenCLIPVisionConfig, is_open_clip_name
 from .open_clip_encoder import load_image_processor as load_open_clip_image_processor
-
-
-def pil_image_processor_class() -> type:
-    """transformers' PIL SigLIP image processor (the torchvision-backed one is avoided: see DESIGN.md traps)."""
-    try:
-        from transformers import SiglipImageProcessorPil as Processor
-    except ImportError:  # older transformers
-        from transformers import SiglipImageProcessor as Processor
-    return Processor
 
 
 def load_image_processor(path_or_config: str | SiglipVisionConfig | OpenCLIPVisionConfig | dict):
