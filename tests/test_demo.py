@@ -26,15 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
+from aligntI_patch.focus import FOCUS, IVAFocus, default_focus_layer, resolve_focus_layer
 from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 from llava.conversation import get_conv_template, tokenize_conversation
-from llava.serve.focus import (
-    default_focus_layer,
-    focus_alpha,
-    focus_heatmap,
-    last_question_types,
-    resolve_focus_layer,
-)
+from llava.serve.focus import focus_batch, focus_heatmap, last_question_types, load_focus_reader
 from llava.serve.inference import (
     ChatModel,
     ChatState,
@@ -154,8 +149,10 @@ def world_image(mini_world):
 def test_focus_alpha_is_eq3_alpha_of_the_question(chat, world_image):
     from aligntI_patch.iva import instruction_vision_importance
 
+    assert isinstance(chat.focus, IVAFocus) and load_focus_reader() is FOCUS  # found through the entry point
     conv = build_conversation(chat.conv_mode, [["Is there a red circle?", None]], has_image=True)
-    alpha = focus_alpha(chat.model, chat.tokenizer, conv, chat.pixels(world_image), chat.focus_layer)
+    batch = focus_batch(chat.model, chat.tokenizer, conv, chat.pixels(world_image))
+    alpha = chat.focus.alpha(chat.model, batch, chat.focus_layer)[0]
     assert alpha.shape == (chat.model.num_image_tokens,)
     assert (alpha >= 0).all() and 0 < alpha.sum() <= 1 + 1e-5
     input_ids, _, types = tokenize_conversation(conv, chat.tokenizer)  # single turn: no re-typing needed

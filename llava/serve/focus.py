@@ -3,13 +3,13 @@
     alpha_k = (1/N_i) sum_u A_{i->v}(u, k)    (mean over heads and the question's instruction tokens)
 
 Design choices
-- alpha comes from `aligntI_patch.iva.instruction_vision_importance` on a batch built exactly as the chat
-  prompt is (`tokenize_conversation`), so the demo shows the quantity IVA weights with, at the layer IVA uses.
+- alpha and the layer come from a plugin found through the `llava.visual_focus` entry point group, so that
+  `llava/` imports nothing of Align-TI: the installed one is `aligntI_patch.focus` (IVA's alpha, the IRS layer).
+  It reads a batch built exactly as the chat prompt is (`tokenize_conversation`, `focus_batch`), so the demo
+  shows the quantity IVA weights with, at the layer IVA uses.
 - Only the LAST question counts: in a multi-turn chat every user turn is INSTRUCTION, so the turns before
   it are re-typed TEMPLATE (tokenization is segment-wise, so the earlier turns are an exact token prefix).
   Earlier turns and replies still sit in the context, as when the model answers.
-- Layer: an int fixes it; "auto" reads `best_layer` from irs.json beside the checkpoint (the IRS argmax,
-  Eq. 4) when it is there and valid for this model, else takes the layer at about 3/4 depth.
 - The map is drawn on the image as the model sees it: padded to a square for `image_aspect_ratio=pad`,
   stretched to a square otherwise (then the map is stretched back onto the original image). alpha is
   reshaped to the sqrt(N_v) x sqrt(N_v) patch grid, min-max scaled, upsampled bilinearly, coloured with a
@@ -18,61 +18,35 @@ Design choices
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from aligntI_patch.attention_hook import decoder_layers
-from aligntI_patch.irs import select_iva_layer
-from aligntI_patch.iva import instruction_vision_importance
 from llava.constants import TokenType
 from llava.conversation import Conversation, tokenize_conversation
 from llava.mm_utils import expand2square
 
 __all__ = [
-    "default_focus_layer",
+    "FocusReader",
     "display_size",
-    "focus_alpha",
+    "focus_batch",
     "focus_heatmap",
     "last_question_types",
-    "resolve_focus_layer",
+    "load_focus_reader",
 ]
 
 logger = logging.getLogger(__name__)
 
+FOCUS_ENTRY_POINT_GROUP = "llava.visual_focus"
 MIN_DISPLAY_SIDE = 256  # tiny-world images are 32-64 px: upscale so the patch grid is visible
 MAX_DISPLAY_SIDE = 512
-
-
-def default_focus_layer(num_layers: int) -> int:
-    """The layer at about 3/4 depth (where the paper's IRS curves peak for 7B-class teachers, Fig. 4)."""
-    if num_layers < 1:
-        raise ValueError(f"a model needs at least one decoder layer, got {num_layers}")
-    return min(num_layers - 1, (3 * num_layers) // 4)
-
-
-def resolve_focus_layer(spec: str | int, model: nn.Module, checkpoint_dir: str | Path | None = None) -> int:
-    """`spec` as an int (or digit string), or "auto": irs.json's `best_layer` beside the checkpoint when it
-    is valid for this model, else `default_focus_layer`."""
-    if spec != "auto":
-        return select_iva_layer(spec, model)
-    num_layers = len(decoder_layers(model))
-    irs_path = Path(checkpoint_dir) / "irs.json" if checkpoint_dir is not None else None
-    if irs_path is not None and irs_path.is_file():
-        best = int(json.loads(irs_path.read_text())["best_layer"])
-        if 0 <= best < num_layers:
-            logger.info("focus layer %d: IRS argmax read from %s", best, irs_path)
-            return best
-        logger.warning("%s: best_layer %d is not a layer of this %d-layer model", irs_path, best, num_layers)
-    layer = default_focus_layer(num_layers)
-    logger.info("focus layer %d: about 3/4 of %d layers (no usable irs.json)", layer, num_layers)
-    return layer
 
 
 def last_question_types(conv: Conversation, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,23 +67,39 @@ def last_question_types(conv: Conversation, tokenizer) -> tuple[torch.Tensor, to
     return input_ids, token_types
 
 
-@torch.no_grad()
-def focus_alpha(
-    model: nn.Module, tokenizer, conv: Conversation, pixels: torch.Tensor, layer: int
-) -> torch.Tensor:
-    """alpha (N_v,) of Eq. 3 for the last question of `conv` at `layer`; `pixels` is the image (3, H, W).
-
-    `conv` must hold the image (`<image>` in a user turn) and end with the generation prompt.
-    """
+def focus_batch(model: nn.Module, tokenizer, conv: Conversation, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The one-sample batch (our collator's keys) of `conv`'s last question, on the model's device; `pixels` is
+    the image (3, H, W). `conv` must hold the image (`<image>` in a user turn) and end with the generation
+    prompt."""
     input_ids, token_types = last_question_types(conv, tokenizer)
     param = next(model.parameters())
-    batch = {
+    return {
         "input_ids": input_ids[None].to(param.device),  # (1, T)
         "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long, device=param.device),
         "token_types": token_types[None].to(param.device),
         "images": pixels[None].to(param.device, param.dtype),  # (1, 3, H, W)
     }
-    return instruction_vision_importance(model, batch, layer)[0].float().cpu()
+
+
+class FocusReader(Protocol):
+    """What a visual-focus plugin provides (entry point group `llava.visual_focus`)."""
+
+    def resolve_layer(self, spec: str | int, model: nn.Module, checkpoint_dir: str | Path | None) -> int:
+        """The layer to read: an int (or digit string), or "auto"."""
+
+    def alpha(self, model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+        """(B, N_v) importance of each visual token for the batch's instruction tokens at `layer`."""
+
+
+def load_focus_reader() -> FocusReader | None:
+    """The installed visual-focus plugin (Align-TI's: `aligntI_patch.focus`), or None when none is installed."""
+    found = list(entry_points(group=FOCUS_ENTRY_POINT_GROUP))
+    if not found:
+        logger.warning("no %s plugin installed: the demo shows no focus maps", FOCUS_ENTRY_POINT_GROUP)
+        return None
+    if len(found) > 1:
+        logger.info("%d %s plugins installed; using %s", len(found), FOCUS_ENTRY_POINT_GROUP, found[0].name)
+    return found[0].load()
 
 
 def display_size(size: tuple[int, int]) -> tuple[int, int]:

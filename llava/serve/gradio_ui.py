@@ -188,7 +188,8 @@ def build_demo(
         with gr.Row():
             focus_images = [
                 gr.Image(
-                    label=f"{chat.name.capitalize()} (layer {chat.focus_layer})",
+                    label=f"{chat.name.capitalize()} (layer {chat.focus_layer})" if chat.focus else
+                          f"{chat.name.capitalize()} (no visual-focus plugin installed)",
                     interactive=False,
                     type="pil",
                     elem_id=f"focus-{chat.name}",

@@ -35,7 +35,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import Conversation, get_conv_template, tokenize_conversation
 from llava.generation import default_conv_mode, generation_kwargs
 from llava.mm_utils import process_images
-from llava.serve.focus import focus_alpha, focus_heatmap, resolve_focus_layer
+from llava.serve.focus import FocusReader, focus_batch, focus_heatmap, load_focus_reader
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
@@ -95,7 +95,8 @@ class ChatModel:
     tokenizer: object
     image_processor: object
     conv_mode: str
-    focus_layer: int
+    focus: FocusReader | None  # the visual-focus plugin (None: no focus maps)
+    focus_layer: int | None
     name: str = "student"
 
     @classmethod
@@ -106,8 +107,9 @@ class ChatModel:
         from llava.model.builder import load_pretrained_model
 
         tokenizer, model, image_processor, _ = load_pretrained_model(model_path, model_base, device=device)
-        layer = resolve_focus_layer(iva_layer, model, model_path)
-        return cls(model, tokenizer, image_processor, conv_mode or default_conv_mode(model), layer, name)
+        focus = load_focus_reader()
+        layer = focus.resolve_layer(iva_layer, model, model_path) if focus is not None else None
+        return cls(model, tokenizer, image_processor, conv_mode or default_conv_mode(model), focus, layer, name)
 
     @property
     def image_aspect_ratio(self) -> str:
@@ -121,8 +123,12 @@ class ChatModel:
         """The last question's instruction->vision attention (Eq. 3) drawn over the image."""
         if state.image is None:
             raise ValueError("no image: upload one first")
+        if self.focus is None:
+            raise ValueError("no visual-focus plugin is installed (entry point group llava.visual_focus; "
+                             "`pip install -e .` installs Align-TI's)")
         conv = build_conversation(self.conv_mode, state.history, has_image=True, generation_prompt=True)
-        alpha = focus_alpha(self.model, self.tokenizer, conv, self.pixels(state.image), self.focus_layer)
+        batch = focus_batch(self.model, self.tokenizer, conv, self.pixels(state.image))
+        alpha = self.focus.alpha(self.model, batch, self.focus_layer)[0].float().cpu()  # (N_v,)
         background = tuple(int(x * 255) for x in self.image_processor.image_mean)
         return focus_heatmap(state.image, alpha, self.image_aspect_ratio, background)
 
