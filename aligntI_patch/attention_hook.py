@@ -22,9 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -54,35 +52,6 @@ def rotary_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
-
-
-@dataclass
-class AttentionCapture:
-    """Attention rows captured inside `capture_attention`, filled when the hooked layer runs.
-
-    Attributes:
-        layers: the hooked layer indices, in the order given.
-        query_index: (B, Q_max) long, sequence index of each selected query (0 on padding slots).
-        query_valid: (B, Q_max) bool, which query slots are real (sample b has query_mask[b].sum() of them).
-        rows: layer -> float32 rows, (B, heads, Q_max, T) or (B, Q_max, T) with `average_heads`;
-            rows of padding slots are zero; row u of sample b is softmax over all T keys of query
-            query_index[b, u] (so masked keys get 0).
-    """
-
-    layers: list[int]
-    query_index: torch.Tensor
-    query_valid: torch.Tensor
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def attn(self) -> torch.Tensor:
-        """The rows of the single hooked layer (see `rows` for several)."""
-        if len(self.layers) != 1:
-            raise ValueError(f"{len(self.layers)} layers were captured; read .rows[layer] instead of .attn")
-        layer = self.layers[0]
-        if layer not in self.rows:
-            raise RuntimeError(f"layer {layer} did not run inside the capture_attention context")
-        return self.rows[layer]
 
 
 def _select_queries(query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,52 +147,60 @@ def _attention_rows(
     return probs * query_valid[:, None, :, None]  # zero the padding slots
 
 
-@contextmanager
-def capture_attention(
-    model: nn.Module,
-    layer: int | Sequence[int],
-    query_mask: torch.Tensor,
-    average_heads: bool = False,
-    first_call_only: bool = False,
-) -> Iterator[AttentionCapture]:
-    """Record the attention rows of `query_mask`'s positions at `layer` during one forward of `model`.
+class AttentionCapture:
+    """Scoped capture of the attention rows of `query_mask`'s positions at `layer` during ONE forward of `model`.
 
-    Args:
-        model: a transformers Qwen2/Qwen3 CausalLM or base model (or our LLaVA subclasses).
-        layer: decoder layer index (negative counts from the end), or several to capture in one pass.
-        query_mask: (B, T) bool over the sequence the LLM sees (after visual expansion).
-        average_heads: store the mean over heads, (B, Q_max, T), to save memory when many layers are hooked.
-        first_call_only: record the first forward and ignore later ones (e.g. the cached candidate pass of TPA
-            that follows the ground-truth pass); otherwise a second call is an error.
+    Use as a context manager around exactly the pass to read (`with capture_attention(...) as capture:`); it can
+    also be built first and handed to the code that runs that pass (the trainer gives it to the teacher's
+    ground-truth pass only). The hooks are removed on exit, also when the body raises.
 
-    Yields an `AttentionCapture`; its `.attn` / `.rows` are filled once the forward has run. The hook is
-    removed on exit, also when the body raises. Rows are float32 and detached.
+    Attributes (filled once the forward has run; rows are float32 and detached):
+        layers: the hooked layer indices, in the order given.
+        query_index: (B, Q_max) long, sequence index of each selected query (0 on padding slots).
+        query_valid: (B, Q_max) bool, which query slots are real (sample b has query_mask[b].sum() of them).
+        rows: layer -> float32 rows, (B, heads, Q_max, T) or (B, Q_max, T) with `average_heads`;
+            rows of padding slots are zero; row u of sample b is softmax over all T keys of query
+            query_index[b, u] (so masked keys get 0).
     """
-    layers = decoder_layers(model)
-    wanted = [layer] if isinstance(layer, int) else list(layer)
-    n = len(layers)
-    for idx in wanted:
-        if not -n <= idx < n:
-            raise IndexError(f"layer {idx} out of range for a model with {n} decoder layers")
-    wanted = [idx % n for idx in wanted]
-    query_mask = query_mask.bool()
-    query_index, query_valid = _select_queries(query_mask)
-    capture = AttentionCapture(layers=wanted, query_index=query_index, query_valid=query_valid)
 
-    def make_hook(idx: int):
+    def __init__(self, model: nn.Module, layer: int | Sequence[int], query_mask: torch.Tensor,
+                 average_heads: bool = False):
+        self._layer_modules = decoder_layers(model)
+        wanted = [layer] if isinstance(layer, int) else list(layer)
+        n = len(self._layer_modules)
+        for idx in wanted:
+            if not -n <= idx < n:
+                raise IndexError(f"layer {idx} out of range for a model with {n} decoder layers")
+        self.layers = [idx % n for idx in wanted]
+        self.query_mask = query_mask.bool()
+        self.query_index, self.query_valid = _select_queries(self.query_mask)
+        self.average_heads = average_heads
+        self.rows: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    @property
+    def attn(self) -> torch.Tensor:
+        """The rows of the single hooked layer (see `rows` for several)."""
+        if len(self.layers) != 1:
+            raise ValueError(f"{len(self.layers)} layers were captured; read .rows[layer] instead of .attn")
+        layer = self.layers[0]
+        if layer not in self.rows:
+            raise RuntimeError(f"layer {layer} did not run inside the capture_attention context")
+        return self.rows[layer]
+
+    def _hook(self, idx: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if idx in capture.rows:
-                if first_call_only:
-                    return
+            if idx in self.rows:
                 raise RuntimeError(f"layer {idx} ran twice inside one capture_attention context")
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             if cache is not None and cache.get_seq_length(module.layer_idx) > 0:
                 raise RuntimeError("capture_attention needs a forward without past keys (cache is not empty)")
-            if hidden.shape[:2] != query_mask.shape:
+            if hidden.shape[:2] != self.query_mask.shape:
                 raise ValueError(
-                    f"query_mask {tuple(query_mask.shape)} does not match the layer input {tuple(hidden.shape[:2])}"
+                    f"query_mask {tuple(self.query_mask.shape)} does not match the layer input "
+                    f"{tuple(hidden.shape[:2])}"
                 )
             with torch.no_grad():
                 rows = _attention_rows(
@@ -232,18 +209,41 @@ def capture_attention(
                     cos,
                     sin,
                     kwargs.get("attention_mask"),
-                    query_index.to(hidden.device),
-                    query_valid.to(hidden.device),
+                    self.query_index.to(hidden.device),
+                    self.query_valid.to(hidden.device),
                 )
-            capture.rows[idx] = rows.mean(dim=1) if average_heads else rows
+            self.rows[idx] = rows.mean(dim=1) if self.average_heads else rows
 
         return hook
 
-    handles = [
-        layers[idx].self_attn.register_forward_pre_hook(make_hook(idx), with_kwargs=True) for idx in wanted
-    ]
-    try:
-        yield capture
-    finally:
-        for handle in handles:
+    def __enter__(self) -> AttentionCapture:
+        if self._handles or self.rows:
+            raise RuntimeError("an AttentionCapture records one forward: build a new one for another pass")
+        self._handles = [
+            self._layer_modules[idx].self_attn.register_forward_pre_hook(self._hook(idx), with_kwargs=True)
+            for idx in self.layers
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
             handle.remove()
+
+
+def capture_attention(
+    model: nn.Module,
+    layer: int | Sequence[int],
+    query_mask: torch.Tensor,
+    average_heads: bool = False,
+) -> AttentionCapture:
+    """Record the attention rows of `query_mask`'s positions at `layer` during one forward of `model`.
+
+    Args:
+        model: a transformers Qwen2/Qwen3 CausalLM or base model (or our LLaVA subclasses).
+        layer: decoder layer index (negative counts from the end), or several to capture in one pass.
+        query_mask: (B, T) bool over the sequence the LLM sees (after visual expansion).
+        average_heads: store the mean over heads, (B, Q_max, T), to save memory when many layers are hooked.
+
+    Returns an `AttentionCapture` to enter around that one forward; a second forward inside raises.
+    """
+    return AttentionCapture(model, layer, query_mask, average_heads)

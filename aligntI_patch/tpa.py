@@ -37,6 +37,7 @@ Loss bookkeeping for the caller (Eq. 7): with ``rows = tpa_forward(...).rows``,
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -261,6 +262,8 @@ def tpa_forward(
     gt_ids: torch.Tensor,
     cfg: TPAConfig,
     generator: torch.Generator | None = None,
+    student_gt_capture: AbstractContextManager | None = None,
+    teacher_gt_capture: AbstractContextManager | None = None,
 ) -> TPAForward:
     """One distillation step's forwards: student ground truth + candidates (grad), teacher (no grad).
 
@@ -273,6 +276,8 @@ def tpa_forward(
         attention_mask, position_ids: ``[B, T]`` of that layout.
         response_mask: ``[B, T]`` bool, True at response tokens.
         gt_ids: ``[B, T]`` token ids, valid at response positions (the expanded labels work).
+        student_gt_capture / teacher_gt_capture: entered around exactly that model's ground-truth pass (the
+            sampling pass under checkpointing), e.g. an `AttentionCapture` for IVA's alpha.
     """
     cand_pos = response_positions(response_mask)  # (B, R)
     T = student_embeds.shape[1]
@@ -287,12 +292,13 @@ def tpa_forward(
         return candidate_rows(cand_pos, cands, T)
 
     if cache_available(student):
-        student_gt, cache = ground_truth_pass(student, student_embeds, attention_mask, position_ids)
+        with student_gt_capture or nullcontext():
+            student_gt, cache = ground_truth_pass(student, student_embeds, attention_mask, position_ids)
         rows = make_rows(student_gt)
         student_cand = candidate_pass(student, cache, attention_mask, position_ids, rows.pos, rows.ids)
     else:
         logger.debug("activation checkpointing drops the KV cache: sampling pass + appended pass")
-        with torch.no_grad():
+        with torch.no_grad(), student_gt_capture or nullcontext():
             sampling_hidden, _ = ground_truth_pass(
                 student, student_embeds, attention_mask, position_ids, use_cache=False
             )
@@ -301,9 +307,9 @@ def tpa_forward(
             student, student_embeds, attention_mask, position_ids, rows.pos, rows.ids
         )
     with torch.no_grad():
-        teacher_gt, teacher_cand = cached_pass(
-            teacher, teacher_embeds, attention_mask, position_ids, rows.pos, rows.ids
-        )
+        with teacher_gt_capture or nullcontext():
+            teacher_gt, cache = ground_truth_pass(teacher, teacher_embeds, attention_mask, position_ids)
+        teacher_cand = candidate_pass(teacher, cache, attention_mask, position_ids, rows.pos, rows.ids)
     return TPAForward(rows, student_gt, student_cand, teacher_gt, teacher_cand)
 
 

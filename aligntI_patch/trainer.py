@@ -7,7 +7,9 @@ Design choices:
   (N_v must agree), so every term indexes the same positions (`token_types`, `labels`).
 - Forwards per step: 1 student pass with grad and 1 teacher pass without grad; with TPA both also run the
   candidate rows against their KV cache (`tpa.tpa_forward`), sampling from the student's own detached
-  ground-truth logits. The teacher's IVA attention is recomputed by a hook during its ground-truth pass.
+  ground-truth logits. The IVA source's attention is recomputed by a hook entered around exactly its
+  ground-truth pass. `step_forward` runs all of it and returns a `StepForward`; `loss_term_sums` is the pure
+  function that turns it and the two lm_head weights into the term sums.
 - Every term is a token SUM divided by its count over the whole global batch (all accumulation micro-batches
   and processes, counted in `get_batch_samples`): 2 x 4 accumulation equals one batch of 8 exactly.
   Response terms divide by response tokens, IVA by the samples that have an image (Eq. 3 is per sample),
@@ -30,6 +32,7 @@ import functools
 import logging
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,7 +41,7 @@ from aligntI_patch.attention_hook import capture_attention
 from aligntI_patch.iva import importance_from_attention, iva_weights
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
 from aligntI_patch.on_policy import on_policy_batch
-from aligntI_patch.tpa import TPAConfig, ground_truth_pass, tpa_forward
+from aligntI_patch.tpa import TPAConfig, TPAForward, ground_truth_pass, tpa_forward
 from aligntI_patch.zero3 import hold_lm_head
 from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 from llava.train.llava_trainer import LLaVATrainer
@@ -67,6 +70,41 @@ def batch_counts(batch: dict, on_policy_sft: bool = False) -> torch.Tensor:
     return torch.stack([response, (batch["input_ids"] == IMAGE_TOKEN_INDEX).any(1).sum(), sft]).float()  # (3,)
 
 
+@dataclass
+class StepForward:
+    """What one micro-batch's forwards give the terms, in the expanded layout (T positions)."""
+
+    labels: torch.Tensor  # (B, T) HF labels, IGNORE_INDEX off the responses
+    token_types: torch.Tensor  # (B, T)
+    student_hidden: torch.Tensor  # (B, T, H) final hidden states, with grad
+    teacher_hidden: torch.Tensor | None  # (B, T, H') no grad; None without a teacher term
+    alpha: torch.Tensor | None  # (B, N_v) Eq. 3's alpha from the IVA source's attention; None if uniform or off
+    tpa: TPAForward | None  # candidate rows and their hidden states (Eq. 7); None without TPA
+    sft: bool  # L_sft applies to this batch (not an on-policy batch, or --on_policy_sft)
+
+
+def loss_term_sums(fwd: StepForward, student_head: torch.Tensor, teacher_head: torch.Tensor | None,
+                   enabled: set[str], kind: str, vocab_size: int, chunk_size: int, iva_weight_source: str,
+                   iva_normalize: bool, **div_kw) -> dict[str, torch.Tensor]:
+    """Token sums of the enabled terms of Eq. 8 from a step's forwards and the two lm_head weights (full, not
+    ZeRO-3 shards): L_sft, L_kd (Eq. 2), L_iva (Eq. 3), L_tpa (Eq. 7). The trainer divides them by global counts."""
+    s, t = fwd.student_hidden, fwd.teacher_hidden
+    common = {"kind": kind, "vocab_size": vocab_size, "chunk_size": chunk_size, **div_kw}
+    sums = {}
+    if "sft" in enabled:  # zero on an on-policy batch (unless --on_policy_sft): GKD trains no SFT there
+        sums["sft"] = sft_loss(s, student_head, fwd.labels, chunk_size) if fwd.sft else s.new_zeros(())
+    if "kd" in enabled:
+        sums["kd"] = kd_loss(s, student_head, t, teacher_head, fwd.labels, **common)
+    if "iva" in enabled:
+        weights = iva_weights(fwd.alpha, fwd.token_types, iva_weight_source, iva_normalize)
+        sums["iva"] = iva_loss(s, student_head, t, teacher_head, weights, **common)
+    if "tpa" in enabled:
+        p = fwd.tpa
+        sums["tpa"] = tpa_loss(p.rows, p.student_gt, p.student_cand, p.teacher_gt, p.teacher_cand, student_head,
+                               teacher_head, **common)
+    return sums
+
+
 class AlignTITrainer(LLaVATrainer):
     def __init__(self, *args, teacher: nn.Module | None, iva_layer: int, vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -76,6 +114,7 @@ class AlignTITrainer(LLaVATrainer):
         self.vocab_size = vocab_size
         a = self.args
         self.weights = {"sft": a.w_sft, "kd": a.w_kd, "iva": a.w_iva, "tpa": a.w_tpa}
+        self.enabled = {k for k in TERMS if self.weights[k] > 0}
         self.tpa_cfg = TPAConfig(d=a.tpa_num_samples, strategy=a.tpa_sampling, top_p=a.tpa_top_p,
                                  temperature=a.tpa_temperature, dedupe=a.tpa_dedupe, chunk_size=a.loss_chunk_size,
                                  vocab_size=vocab_size)
@@ -159,16 +198,26 @@ class AlignTITrainer(LLaVATrainer):
         return (total, None) if return_outputs else total
 
     def term_sums(self, student: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
-        """Weighted token sums of every enabled term for one micro-batch."""
+        """Token sums of every enabled term for one micro-batch: the step's forwards, then the pure terms."""
         a = self.args
-        enabled = {k for k in TERMS if self.weights[k] > 0}
+        fwd = self.step_forward(student, inputs)
+        s_head = student.get_output_embeddings().weight
+        t_head = self.teacher.get_output_embeddings().weight if fwd.teacher_hidden is not None else None
+        with gathered(s_head, t_head):  # ZeRO-3: the teacher's head is read directly (the student's is held)
+            return loss_term_sums(fwd, s_head, t_head, self.enabled, a.divergence, self.vocab_size,
+                                  a.loss_chunk_size, a.iva_weight_source, a.iva_normalize, **a.divergence_kwargs)
+
+    def step_forward(self, student: nn.Module, inputs: dict) -> StepForward:
+        """Every forward of one micro-batch: both models' ground-truth passes on one layout, TPA's candidate rows,
+        and the IVA source's instruction->vision attention captured on its ground-truth pass."""
+        a = self.args
+        enabled = self.enabled
         images = inputs.get("images")
         blank = needs_blank_image(images, a)
         s_mm = student.prepare_inputs_labels_for_multimodal(
             inputs["input_ids"], None, inputs["attention_mask"], None, inputs["labels"], images,
             token_types=inputs["token_types"], vision_in_step=blank)
-        labels, types, mask = s_mm.labels, s_mm.token_types, s_mm.attention_mask
-        position_ids = s_mm.position_ids
+        labels, types, mask, position_ids = s_mm.labels, s_mm.token_types, s_mm.attention_mask, s_mm.position_ids
         needs_teacher = bool(enabled - {"sft"})
         t_embeds = None
         if needs_teacher:
@@ -177,45 +226,30 @@ class AlignTITrainer(LLaVATrainer):
                     inputs["input_ids"], None, inputs["attention_mask"], None, None, images,
                     token_types=inputs["token_types"], vision_in_step=blank)
             t_embeds = t_mm.inputs_embeds.to(self.teacher.dtype)
-        use_iva = "iva" in enabled and a.iva_weight_source != "uniform"
-        iva_model = student if a.iva_weight_source == "student" else self.teacher
-        instruction = types == TokenType.INSTRUCTION
-        ctx = capture_attention(iva_model, self.iva_layer, instruction, first_call_only=True) if use_iva else None
-        with ctx if ctx is not None else contextlib.nullcontext() as capture:
-            if "tpa" in enabled:
-                response = types == TokenType.RESPONSE
-                response[:, 0] = False
-                fwd = tpa_forward(student, self.teacher, s_mm.inputs_embeds, t_embeds, mask, position_ids, response,
-                                  labels, self.tpa_cfg, self.generator)
-                s_hidden, t_hidden = fwd.student_gt, fwd.teacher_gt
-            else:
+        capture = None
+        if "iva" in enabled and a.iva_weight_source != "uniform":
+            iva_model = student if a.iva_weight_source == "student" else self.teacher
+            capture = capture_attention(iva_model, self.iva_layer, types == TokenType.INSTRUCTION)
+        s_capture = capture if a.iva_weight_source == "student" else None
+        t_capture = capture if a.iva_weight_source == "teacher" else None
+        fwd = None
+        if "tpa" in enabled:
+            response = types == TokenType.RESPONSE
+            response[:, 0] = False
+            fwd = tpa_forward(student, self.teacher, s_mm.inputs_embeds, t_embeds, mask, position_ids, response,
+                              labels, self.tpa_cfg, self.generator, s_capture, t_capture)
+            s_hidden, t_hidden = fwd.student_gt, fwd.teacher_gt
+        else:
+            with s_capture or contextlib.nullcontext():
                 s_hidden, _ = ground_truth_pass(student, s_mm.inputs_embeds, mask, position_ids, use_cache=False)
-                t_hidden = None
-                if needs_teacher:
-                    with torch.no_grad():
-                        t_hidden, _ = ground_truth_pass(self.teacher, t_embeds, mask, position_ids, use_cache=False)
-        s_head = student.get_output_embeddings().weight
-        t_head = self.teacher.get_output_embeddings().weight if needs_teacher else None
-        common = {"kind": a.divergence, "vocab_size": self.vocab_size, "chunk_size": a.loss_chunk_size,
-                  **a.divergence_kwargs}
-        sums = {}
-        with gathered(s_head, t_head):  # ZeRO-3: the teacher's head is read directly (the student's is held)
-            if "sft" in enabled:  # zero on an on-policy batch (unless --on_policy_sft): GKD trains no SFT there
-                sums["sft"] = (sft_loss(s_hidden, s_head, labels, a.loss_chunk_size)
-                               if sft_applies(inputs, a.on_policy_sft) else s_hidden.new_zeros(()))
-            if "kd" in enabled:
-                sums["kd"] = kd_loss(s_hidden, s_head, t_hidden, t_head, labels, **common)
-            if "iva" in enabled:
-                alpha = None
-                if use_iva:
-                    visual = types == TokenType.VISUAL
-                    alpha = importance_from_attention(capture.attn, capture.query_valid, visual)
-                weights = iva_weights(alpha, types, a.iva_weight_source, a.iva_normalize)
-                sums["iva"] = iva_loss(s_hidden, s_head, t_hidden, t_head, weights, **common)
-            if "tpa" in enabled:
-                sums["tpa"] = tpa_loss(fwd.rows, fwd.student_gt, fwd.student_cand, fwd.teacher_gt,
-                                       fwd.teacher_cand, s_head, t_head, **common)
-        return sums
+            t_hidden = None
+            if needs_teacher:
+                with torch.no_grad(), t_capture or contextlib.nullcontext():
+                    t_hidden, _ = ground_truth_pass(self.teacher, t_embeds, mask, position_ids, use_cache=False)
+        alpha = None
+        if capture is not None:
+            alpha = importance_from_attention(capture.attn, capture.query_valid, types == TokenType.VISUAL)
+        return StepForward(labels, types, s_hidden, t_hidden, alpha, fwd, sft_applies(inputs, a.on_policy_sft))
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Beside HF's total loss: each term and the global counts, per optimizer step, means over the window."""

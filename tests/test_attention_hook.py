@@ -158,6 +158,17 @@ def test_hook_removed_after_context_and_after_exception() -> None:
             model(input_ids=ids, attention_mask=mask)
             model(input_ids=ids, attention_mask=mask)
     assert len(attn._forward_pre_hooks) == 0
+    # Built first, entered around one chosen pass only (the trainer's way): the other passes are not recorded.
+    capture = capture_attention(model, 1, mask.bool())
+    assert len(attn._forward_pre_hooks) == 0  # nothing hooked until entered
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        with capture:
+            model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask)
+    assert capture.attn.shape[0] == ids.shape[0] and len(attn._forward_pre_hooks) == 0
+    with pytest.raises(RuntimeError, match="records one forward"), capture:
+        pass
 
 
 def test_errors() -> None:
