@@ -21,6 +21,7 @@ import os
 
 import torch
 import transformers
+from transformers import AutoConfig
 
 from aligntI_patch.arguments import DistillArguments
 from aligntI_patch.attention_hook import decoder_layers
@@ -48,6 +49,46 @@ from llava.train.train import (
 from llava.train.zero3 import check_full_save, whole_weights, zero3_enabled
 
 logger = logging.getLogger(__name__)
+
+
+TEMPLATE_FAMILY = {"qwen_2": "qwen2", "qwen_3": "qwen3"}
+
+
+def _family(model_type: str) -> str:
+    return "qwen3" if model_type.endswith("qwen3") else "qwen2" if model_type.endswith("qwen2") else model_type
+
+
+def check_configs(args: DistillArguments, model_args: ModelArguments) -> None:
+    """Errors that config.json files show, before any weight is loaded: a teacher without a vision tower, a
+    conversation template of another Qwen family than the models, a teacher trained with another template."""
+    version = model_args.version
+    student = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    family = TEMPLATE_FAMILY.get(version)
+    if family and _family(student.model_type) != family:
+        raise ValueError(f"--version {version} is the {family} template, but the student "
+                         f"({model_args.model_name_or_path}) is a {student.model_type} model: use --version "
+                         f"{'qwen_3' if _family(student.model_type) == 'qwen3' else 'qwen_2'}")
+    if not (getattr(student, "mm_vision_tower", None) or getattr(student, "mm_image_tower", None)
+            or model_args.pretrain_mm_mlp_adapter):
+        logger.warning("The student (%s) is a plain LLM and no --pretrain_mm_mlp_adapter is given: its projector "
+                       "starts from random weights (pass pretrain.sh's mm_projector.safetensors)",
+                       model_args.model_name_or_path)
+    if not args.needs_teacher or not os.path.isdir(args.teacher_model_path):  # load_teacher names a missing dir
+        return
+    teacher = AutoConfig.from_pretrained(args.teacher_model_path)
+    if not (getattr(teacher, "mm_vision_tower", None) or getattr(teacher, "mm_image_tower", None)):
+        raise ValueError(
+            f"--teacher_model_path {args.teacher_model_path} is a {teacher.model_type} model without a vision "
+            "tower (no mm_vision_tower in its config.json): the teacher must be a LLaVA-Qwen checkpoint that went "
+            "through both LLaVA stages (pretrain.sh, then finetune.sh), or a released Align-TI/LLaVA teacher"
+        )
+    if family and _family(teacher.model_type) != family:
+        raise ValueError(f"--version {version} is the {family} template, but the teacher "
+                         f"({args.teacher_model_path}) is a {teacher.model_type} model")
+    saved = getattr(teacher, "conv_template", None)
+    if saved and saved != version:
+        raise ValueError(f"The teacher ({args.teacher_model_path}) was trained with the {saved!r} template but "
+                         f"--version is {version!r}: both models must see the same prompts (use --version {saved})")
 
 
 def load_teacher(args: DistillArguments, device: torch.device):
@@ -145,6 +186,7 @@ def main() -> None:
 
     # ZeRO-3: both load whole on the CPU; DeepSpeed moves them to the GPU one shard at a time when it wraps them
     check_full_save(args, not args.lora_enable)
+    check_configs(args, model_args)
     if args.teacher_model_path and not args.needs_teacher:
         logger.warning("--teacher_model_path is not loaded: no teacher term is on (SFT only)")
     teacher = teacher_engine = None
