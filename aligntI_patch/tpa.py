@@ -212,9 +212,12 @@ def cached_pass(
     position_ids: torch.Tensor,
     cand_pos: torch.Tensor,
     cand_ids: torch.Tensor,
+    gt_capture: AbstractContextManager | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ground_truth_pass`` with a cache, then ``candidate_pass``: same outputs as ``appended_pass``."""
-    gt_hidden, cache = ground_truth_pass(lm, inputs_embeds, attention_mask, position_ids, use_cache=True)
+    """``ground_truth_pass`` with a cache, then ``candidate_pass``: same outputs as ``appended_pass``.
+    `gt_capture` is entered around the ground-truth pass only (e.g. an `AttentionCapture`)."""
+    with gt_capture or nullcontext():
+        gt_hidden, cache = ground_truth_pass(lm, inputs_embeds, attention_mask, position_ids, use_cache=True)
     return gt_hidden, candidate_pass(lm, cache, attention_mask, position_ids, cand_pos, cand_ids)
 
 
@@ -307,9 +310,9 @@ def tpa_forward(
             student, student_embeds, attention_mask, position_ids, rows.pos, rows.ids
         )
     with torch.no_grad():
-        with teacher_gt_capture or nullcontext():
-            teacher_gt, cache = ground_truth_pass(teacher, teacher_embeds, attention_mask, position_ids)
-        teacher_cand = candidate_pass(teacher, cache, attention_mask, position_ids, rows.pos, rows.ids)
+        teacher_gt, teacher_cand = cached_pass(
+            teacher, teacher_embeds, attention_mask, position_ids, rows.pos, rows.ids, teacher_gt_capture
+        )
     return TPAForward(rows, student_gt, student_cand, teacher_gt, teacher_cand)
 
 
