@@ -128,9 +128,8 @@ def _step_logits(model, input_ids: Tensor, attention_mask: Tensor, items, query:
     images = torch.stack(pixels).to(device, model.dtype) if pixels else None  # (n_img, 3, H, W)
     ids, mask = input_ids.to(device), attention_mask.to(device)
     mm = model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, None, images)  # expanded layout
-    position_ids = (mm.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T')
-    hidden = model.get_model()(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
-                               position_ids=position_ids).last_hidden_state  # (B, T', H)
+    hidden = model.get_decoder()(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask,
+                                 position_ids=mm.position_ids).last_hidden_state  # (B, T', H)
     # Text tokens map one to one: the expanded index of a query is the last j with source_index[j] <= query.
     source = mm.source_index.masked_fill(mm.source_index < 0, torch.iinfo(torch.long).max).contiguous()
     index = torch.searchsorted(source, query.to(device), right=True) - 1  # (B, L)

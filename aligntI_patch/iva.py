@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from aligntI_patch.attention_hook import capture_attention, decoder_layers
+from aligntI_patch.layout import batch_layout, embed
 from llava.constants import TokenType
 
 __all__ = [
@@ -113,31 +114,12 @@ def importance_from_attention(
 
 
 def llm_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> LLMInputs:
-    """Map a collator batch to the decoder's inputs in the expanded layout.
-
-    Our LLaVA models splice the N_v visual embeddings in with `prepare_inputs_labels_for_multimodal`
-    (which carries token_types along); a plain transformers model gets its input_ids embedded, with
-    token_types taken from the batch as they are (tests mark VISUAL positions directly).
-    """
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    if hasattr(model, "prepare_inputs_labels_for_multimodal"):
-        mm = model.prepare_inputs_labels_for_multimodal(
-            input_ids, None, attention_mask, None, None, batch.get("images"), token_types=batch["token_types"]
-        )
-        return LLMInputs(mm.inputs_embeds, mm.attention_mask, mm.position_ids, mm.token_types)
-    if batch.get("images") is not None:
-        raise TypeError(
-            f"{type(model).__name__} has no prepare_inputs_labels_for_multimodal: it cannot take images"
-        )
-    # a plain transformers model: positions follow the mask, for either padding side
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    return LLMInputs(model.get_input_embeddings()(input_ids), attention_mask, position_ids, batch["token_types"])
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack (no lm_head): capturing attention never needs the [B, T, V] logits."""
-    inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "layers") else model
+    """Map a collator batch to the decoder's inputs in the expanded layout (`aligntI_patch.layout`); a plain
+    transformers model gets its input_ids embedded, with token_types taken from the batch as they are (tests
+    mark VISUAL positions directly)."""
+    layout = batch_layout(model, batch)
+    embeds = embed(model, layout, batch.get("images"))
+    return LLMInputs(embeds, layout.attention_mask, layout.position_ids, layout.token_types)
 
 
 @torch.no_grad()
@@ -149,7 +131,7 @@ def importance_per_layer(
     instruction = (inputs.token_types == TokenType.INSTRUCTION) & inputs.attention_mask.bool()  # (B, T')
     visual = inputs.token_types == TokenType.VISUAL  # (B, T')
     with capture_attention(model, list(layers), instruction, average_heads=True) as cap:
-        _decoder(model)(
+        model.get_decoder()(  # no lm_head: capturing attention never needs the [B, T, V] logits
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,

@@ -58,6 +58,7 @@ from aligntI_patch.candidates import (
     response_positions,
     sample_candidates_from_hidden,
 )
+from aligntI_patch.layout import batch_layout, embed
 from aligntI_patch.ribbon_block_mask import candidate_rows_block_mask, ribbon_block_mask
 from aligntI_patch.ribbon_mask import candidate_position_ids, candidate_rows_mask, ribbon_mask, to_additive
 
@@ -319,33 +320,6 @@ def tpa_forward(
 # ----------------------------------------------------------------------------- public reference API
 
 
-def _embed(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The one place that touches the multimodal layout.
-
-    Returns ``(inputs_embeds [B,T',H], attention_mask [B,T'], position_ids [B,T'], source_index [B,T'])``;
-    ``source_index[b, j]`` is the index in ``input_ids`` of expanded position j (the image token's index
-    for its N_v visual positions, -1 on padding). A plain transformers model, or ``images=None``, embeds
-    ``input_ids`` directly (T' = T).
-    """
-    if images is not None:
-        if not hasattr(model, "prepare_inputs_labels_for_multimodal"):
-            raise ValueError(f"images given but {type(model).__name__} has no prepare_inputs_labels_for_multimodal")
-        mm = model.prepare_inputs_labels_for_multimodal(
-            input_ids, None, attention_mask, None, None, images, token_types=None
-        )
-        return mm.inputs_embeds, mm.attention_mask, mm.position_ids, mm.source_index
-    B, T = input_ids.shape
-    source_index = torch.arange(T, device=input_ids.device).expand(B, T).masked_fill(attention_mask == 0, -1)
-    return model.get_input_embeddings()(input_ids), attention_mask, _position_ids(attention_mask), source_index
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a padded batch, left or right padding: cumsum of the mask - 1 (0 on left padding)."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-
-
 def transition_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -359,15 +333,17 @@ def transition_logits(
     Entry ``[b, k, u]`` = next-token logits after placing ``candidates[b, k, u]`` at position k (replacing
     ``input_ids[b, k]``) given the prefix before k, i.e. logits of P(y_{k+1} | y_k^(u), x, y_<k).
     Filled where ``response_mask[b, k]``, zeros elsewhere. All indices are in ``input_ids`` space; with
-    images the model's multimodal layout is built by ``_embed`` and mapped back through ``source_index``.
+    images the model's multimodal layout (``aligntI_patch.layout``) is mapped back through ``source_index``.
     """
     B, T, d = candidates.shape
-    embeds, attn, pos_ids, source_index = _embed(model, input_ids, attention_mask, images)
+    layout = batch_layout(model, {"input_ids": input_ids, "attention_mask": attention_mask})
+    embeds, source_index = embed(model, layout, images), layout.source_index
     src = source_index.clamp_min(0)  # (B, T')
     resp = response_mask.bool().gather(1, src) & (source_index >= 0)  # (B, T') response in expanded space
     cand_exp = candidates.gather(1, src[..., None].expand(-1, -1, d))  # (B, T', d)
     cand_pos = response_positions(resp)  # (B, R) expanded positions
     rows = candidate_rows(cand_pos, gather_positions(cand_exp, cand_pos), embeds.shape[1])
+    attn, pos_ids = layout.attention_mask, layout.position_ids
     _, hidden = appended_pass(model, embeds, attn, pos_ids, rows.pos, rows.ids)  # (B, R*d, H)
     logits = model.get_output_embeddings()(hidden)  # (B, R*d, V)
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from aligntI_patch.attention_hook import capture_attention
 from aligntI_patch.iva import importance_from_attention, iva_weights
+from aligntI_patch.layout import batch_layout, embed
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
 from aligntI_patch.on_policy import on_policy_batch
 from aligntI_patch.tpa import TPAConfig, TPAForward, ground_truth_pass, tpa_forward
@@ -214,18 +215,15 @@ class AlignTITrainer(LLaVATrainer):
         enabled = self.enabled
         images = inputs.get("images")
         blank = needs_blank_image(images, a)
-        s_mm = student.prepare_inputs_labels_for_multimodal(
-            inputs["input_ids"], None, inputs["attention_mask"], None, inputs["labels"], images,
-            token_types=inputs["token_types"], vision_in_step=blank)
-        labels, types, mask, position_ids = s_mm.labels, s_mm.token_types, s_mm.attention_mask, s_mm.position_ids
+        layout = batch_layout(student, inputs)  # one layout; each model places its own visual embeddings
+        labels, types = layout.labels, layout.token_types
+        mask, position_ids = layout.attention_mask, layout.position_ids
+        s_embeds = embed(student, layout, images, blank)
         needs_teacher = bool(enabled - {"sft"})
         t_embeds = None
         if needs_teacher:
             with torch.no_grad():
-                t_mm = self.teacher.prepare_inputs_labels_for_multimodal(
-                    inputs["input_ids"], None, inputs["attention_mask"], None, None, images,
-                    token_types=inputs["token_types"], vision_in_step=blank)
-            t_embeds = t_mm.inputs_embeds.to(self.teacher.dtype)
+                t_embeds = embed(self.teacher, layout, images, blank).to(self.teacher.dtype)
         capture = None
         if "iva" in enabled and a.iva_weight_source != "uniform":
             iva_model = student if a.iva_weight_source == "student" else self.teacher
@@ -236,12 +234,12 @@ class AlignTITrainer(LLaVATrainer):
         if "tpa" in enabled:
             response = types == TokenType.RESPONSE
             response[:, 0] = False
-            fwd = tpa_forward(student, self.teacher, s_mm.inputs_embeds, t_embeds, mask, position_ids, response,
+            fwd = tpa_forward(student, self.teacher, s_embeds, t_embeds, mask, position_ids, response,
                               labels, self.tpa_cfg, self.generator, s_capture, t_capture)
             s_hidden, t_hidden = fwd.student_gt, fwd.teacher_gt
         else:
             with s_capture or contextlib.nullcontext():
-                s_hidden, _ = ground_truth_pass(student, s_mm.inputs_embeds, mask, position_ids, use_cache=False)
+                s_hidden, _ = ground_truth_pass(student, s_embeds, mask, position_ids, use_cache=False)
             t_hidden = None
             if needs_teacher:
                 with torch.no_grad(), t_capture or contextlib.nullcontext():

@@ -1,6 +1,5 @@
 """TPA (paper section 3.2): the parallel candidate pass equals the naive loop; its fast forms stay exact."""
 
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,8 +25,10 @@ from aligntI_patch.tpa import (
     transition_logits,
 )
 from llava.constants import IMAGE_TOKEN_INDEX
+from llava.model.llava_arch import build_layout, positions_from_mask
 
 V = 96
+N_V = 5  # visual positions per image of the splicing stand-in
 
 
 def tiny_lm(
@@ -102,39 +103,34 @@ def test_transition_logits_equals_naive_loop(family, impl, padding, d):
     assert (fast[response_mask][:, 0] - gt[response_mask]).abs().max() > 1e-2
 
 
-class MultimodalInputs(NamedTuple):
-    """The fields of the model contract's ``prepare_inputs_labels_for_multimodal`` result."""
-
-    input_ids: None
-    position_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    past_key_values: None
-    inputs_embeds: torch.Tensor
-    labels: None
-    token_types: None
-    source_index: torch.Tensor
 
 
 class SplicingQwen2(transformers.Qwen2ForCausalLM):
-    """Stand-in for the LLaVA model: ``images`` are ready features ``[B, N_v, H]`` spliced at the image token."""
+    """Stand-in for the LLaVA model: ``images`` are ready features ``[B, N_v, H]`` placed at the image token."""
 
-    def prepare_inputs_labels_for_multimodal(
-        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, token_types=None
-    ):
-        B, T = input_ids.shape
-        n_v = images.shape[1]
-        embeds, masks, sources = [], [], []
-        for b in range(B):
-            j = int((input_ids[b] == IMAGE_TOKEN_INDEX).nonzero())
-            text = self.get_input_embeddings()(input_ids[b].clamp_min(0))  # (T, H)
-            embeds.append(torch.cat([text[:j], images[b], text[j + 1 :]]))
-            masks.append(torch.cat([attention_mask[b, :j], attention_mask.new_ones(n_v), attention_mask[b, j + 1 :]]))
-            src = torch.arange(T, device=input_ids.device)
-            sources.append(torch.cat([src[:j], src[j].repeat(n_v), src[j + 1 :]]))
-        attn = torch.stack(masks)
-        source_index = torch.stack(sources).masked_fill(attn == 0, -1)
-        pos = (attn.cumsum(1) - 1).clamp_min(0)
-        return MultimodalInputs(None, pos, attn, None, torch.stack(embeds), None, None, source_index)
+    def build_layout(self, input_ids, attention_mask=None, labels=None, token_types=None, padding_side=None,
+                     position_ids=None):
+        return build_layout(input_ids, attention_mask, labels, token_types, N_V, padding_side, position_ids)
+
+    def embed_layout(self, layout, images, vision_in_step=False):
+        embeds = self.get_input_embeddings()(layout.ids)
+        return embeds.masked_scatter(layout.visual[..., None], images.reshape(-1, images.shape[-1]))
+
+
+def reference_splice(model, input_ids, attention_mask, images):
+    """The reference layout, one row at a time: (inputs_embeds, attention_mask, source_index) with the N_v
+    features in place of each row's single image token (every row the same length here)."""
+    B, T = input_ids.shape
+    embeds, masks, sources = [], [], []
+    for b in range(B):
+        j = int((input_ids[b] == IMAGE_TOKEN_INDEX).nonzero())
+        text = model.get_input_embeddings()(input_ids[b].clamp_min(0))  # (T, H)
+        embeds.append(torch.cat([text[:j], images[b], text[j + 1 :]]))
+        masks.append(torch.cat([attention_mask[b, :j], attention_mask.new_ones(N_V), attention_mask[b, j + 1 :]]))
+        src = torch.arange(T, device=input_ids.device)
+        sources.append(torch.cat([src[:j], src[j].repeat(N_V), src[j + 1 :]]))
+    attn = torch.stack(masks)
+    return torch.stack(embeds), attn, torch.stack(sources).masked_fill(attn == 0, -1)
 
 
 @torch.no_grad()
@@ -143,13 +139,13 @@ def test_transition_logits_maps_multimodal_positions():
     model = SplicingQwen2(tiny_lm("qwen2").config).eval()
     input_ids, attention_mask, response_mask = padded_batch("left")
     input_ids[:, 3] = IMAGE_TOKEN_INDEX  # one image per sample, before the response
-    images = torch.randn(2, 5, 32)  # N_v = 5 visual embeddings
+    images = torch.randn(2, N_V, 32)  # N_v visual embeddings
     candidates = torch.randint(1, V, (2, input_ids.shape[1], 2), generator=torch.Generator().manual_seed(2))
     fast = transition_logits(model, input_ids, attention_mask, response_mask, candidates, images=images)
-    mm = model.prepare_inputs_labels_for_multimodal(input_ids, None, attention_mask, None, None, images)
+    embeds, mask, source_index = reference_splice(model, input_ids, attention_mask, images)
     for b, k in response_mask.nonzero().tolist():
-        j = int((mm.source_index[b] == k).nonzero())  # expanded position of k
-        prefix = mm.inputs_embeds[b, :j][mm.attention_mask[b, :j].bool()]
+        j = int((source_index[b] == k).nonzero())  # expanded position of k
+        prefix = embeds[b, :j][mask[b, :j].bool()]
         for u in range(2):
             seq = torch.cat([prefix, model.get_input_embeddings()(candidates[b, k, u : u + 1])])[None]
             torch.testing.assert_close(fast[b, k, u], model(inputs_embeds=seq).logits[0, -1], rtol=0, atol=1e-5)
@@ -158,8 +154,8 @@ def test_transition_logits_maps_multimodal_positions():
 
 def embedded(model, padding: str):
     input_ids, attention_mask, response_mask = padded_batch(padding)
-    embeds, attn, position_ids, _ = tpa._embed(model, input_ids, attention_mask, None)
-    return input_ids, embeds, attn, position_ids, response_mask
+    embeds = model.get_input_embeddings()(input_ids)
+    return input_ids, embeds, attention_mask, positions_from_mask(attention_mask), response_mask
 
 
 def probe_loss(gt_hidden, cand_hidden, attention_mask, rows, probe_gt, probe_cand):
@@ -255,7 +251,7 @@ def test_flex_attention_multimodal_equals_sdpa():
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_flex_attention_gradients_equal_sdpa(family):
     input_ids, attention_mask, response_mask = (x.cuda() for x in padded_batch("left"))
-    position_ids = tpa._position_ids(attention_mask)
+    position_ids = positions_from_mask(attention_mask)
     cand_pos = response_positions(response_mask)
     cands = torch.randint(1, V, (*cand_pos.shape, 3), generator=torch.Generator().manual_seed(3)).cuda()
     rows = candidate_rows(cand_pos, cands, input_ids.shape[1])

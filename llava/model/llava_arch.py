@@ -1,10 +1,12 @@
 """LLaVA's multimodal mixins, Qwen only: the vision tower + projector, and the sequence layout.
 
 Design choices:
-- `input_ids` keep LLaVA's contract: one `IMAGE_TOKEN_INDEX` per image. `prepare_inputs_labels_for_multimodal`
-  expands each to N_v positions once, places the projected features with `masked_scatter` behind a count
-  check, and carries the token-type map (`TokenType`) and a `source_index` back to `input_ids` along, so
-  every later stage (losses, masks, hooks) indexes this layout and never rebuilds it.
+- `input_ids` keep LLaVA's contract: one `IMAGE_TOKEN_INDEX` per image. `build_layout` expands each to N_v
+  positions once and carries the token-type map (`TokenType`) and a `source_index` back to `input_ids` along, so
+  every later stage (losses, masks, hooks) indexes this layout and never rebuilds it; `embed_layout` places a
+  model's own projected features there with `masked_scatter` behind a count check. Two models that read the
+  same batch (a teacher and its student) share one layout. `prepare_inputs_labels_for_multimodal` (LLaVA's
+  entry point) is the two in a row.
 - Each row keeps its padding side (a row whose first position is padding is left-padded; a row with no padding
   takes its batch's side, and `generate` asks for left), so training (right padding) and batched generation
   (left padding) share one code path; position ids follow the mask.
@@ -115,6 +117,52 @@ class LlavaMetaForCausalLM:
         features = self.get_vision_tower()(images)
         return self.get_model().mm_projector(features)
 
+    def build_layout(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+        padding_side: str | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> SequenceLayout:
+        """`build_layout` with this model's N_v (read only when `input_ids` hold an image token)."""
+        has_image = bool((input_ids == IMAGE_TOKEN_INDEX).any())
+        num_patches = self.num_image_tokens if has_image else None
+        return build_layout(input_ids, attention_mask, labels, token_types, num_patches, padding_side, position_ids)
+
+    def embed_layout(
+        self, layout: SequenceLayout, images: torch.Tensor | None, vision_in_step: bool = False
+    ) -> torch.Tensor:
+        """inputs_embeds [B, T', H] of `layout`: this model's text embeddings with its projected visual features
+        placed at the visual positions (one image per visual run, in order).
+
+        `vision_in_step`: a batch without images still encodes one blank image and adds 0 x its features, so
+        that every rank of a multi-process run calls the same modules (`llava.train.zero3.needs_blank_image`);
+        the result is unchanged and the projector gets a zero gradient.
+        """
+        # the tower and projector run before the embedding on every path: the same module order on every rank
+        embed_tokens = self.get_model().embed_tokens
+        n_visual = int(layout.visual.sum())
+        if n_visual == 0:
+            if not vision_in_step:
+                return embed_tokens(layout.ids)
+            size = self.get_vision_tower().config.image_size
+            blank = self.encode_images(torch.zeros(1, 3, size, size, dtype=self.dtype, device=self.device))
+            return embed_tokens(layout.ids) + 0 * blank.sum()
+        n_tokens = n_visual // self.num_image_tokens
+        if images is None:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but no images were given")
+        features = self.encode_images(images)  # (n_img, N_v, H)
+        if features.shape[0] != n_tokens or features.shape[1] != self.num_image_tokens:
+            raise ValueError(
+                f"Number of images ({features.shape[0]}, {features.shape[1]} features each) does not match the "
+                f"number of image tokens ({n_tokens}, {self.num_image_tokens} positions each) in input_ids"
+            )
+        inputs_embeds = embed_tokens(layout.ids)
+        flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(layout.visual.unsqueeze(-1), flat)
+
     def prepare_inputs_labels_for_multimodal(
         self,
         input_ids: torch.Tensor,
@@ -128,61 +176,72 @@ class LlavaMetaForCausalLM:
         vision_in_step: bool = False,
         padding_side: str | None = None,
     ) -> MultimodalInputs:
-        """Splice visual embeddings into the text embeddings (see the module docstring for the layout).
+        """LLaVA's entry point: `build_layout` then `embed_layout` (see the module docstring for the layout).
 
         `padding_side`: where rows that expand to fewer positions than the longest are padded ("left" for
-        generation); by default each row keeps the side it was padded on.
-
-        `vision_in_step`: a batch without images still encodes one blank image and adds 0 x its features, so
-        that every rank of a multi-process run calls the same modules (`llava.train.zero3.needs_blank_image`);
-        the result is unchanged and the projector gets a zero gradient.
+        generation); by default each row keeps the side it was padded on. `position_ids` are kept only for a
+        batch without image tokens (e.g. generation steps past the prompt).
         """
-        embed = self.get_model().embed_tokens
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        is_image = input_ids == IMAGE_TOKEN_INDEX
-        if token_types is None:
-            token_types = default_token_types(input_ids, attention_mask, labels)
-        if images is None or not bool(is_image.any()):
-            if bool(is_image.any()):
-                raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but no images were given")
-            if vision_in_step:
-                size = self.get_vision_tower().config.image_size
-                blank = self.encode_images(torch.zeros(1, 3, size, size, dtype=self.dtype, device=self.device))
-            inputs_embeds = embed(input_ids)
-            if vision_in_step:
-                inputs_embeds = inputs_embeds + 0 * blank.sum()
-            if position_ids is None:
-                position_ids = positions_from_mask(attention_mask)
-            source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-            source = source.masked_fill(attention_mask == 0, -1)
-            return MultimodalInputs(
-                None, position_ids, attention_mask, past_key_values, inputs_embeds, labels, token_types, source
-            )
-
-        features = self.encode_images(images)  # (n_img, N_v, H)
-        if features.shape[0] != int(is_image.sum()):
-            raise ValueError(
-                f"Number of images ({features.shape[0]}) does not match the number of image tokens "
-                f"({int(is_image.sum())}) in input_ids"
-            )
-        source = expand_source_index(is_image, attention_mask, features.shape[1], padding_side)  # (B, T')
-        valid = source >= 0
-        gather = source.clamp(min=0)
-        ids = torch.where(valid, input_ids.gather(1, gather), 0)
-        mask = torch.where(valid, attention_mask.gather(1, gather), 0)
-        types = torch.where(valid, token_types.gather(1, gather), int(TokenType.PAD))
-        visual = ids == IMAGE_TOKEN_INDEX
-        new_labels = None
-        if labels is not None:
-            new_labels = torch.where(valid & ~visual, labels.gather(1, gather), IGNORE_INDEX)
-        inputs_embeds = embed(torch.where(visual, 0, ids))
-        flat = features.reshape(-1, features.shape[-1]).to(inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(visual.unsqueeze(-1), flat)
+        layout = self.build_layout(input_ids, attention_mask, labels, token_types, padding_side, position_ids)
+        inputs_embeds = self.embed_layout(layout, images, vision_in_step)
         return MultimodalInputs(
-            None, positions_from_mask(mask), mask, past_key_values, inputs_embeds, new_labels, types,
-            source.masked_fill(mask == 0, -1),
+            None, layout.position_ids, layout.attention_mask, past_key_values, inputs_embeds, layout.labels,
+            layout.token_types, layout.source_index,
         )
+
+
+class SequenceLayout(NamedTuple):
+    """A batch in the expanded layout, [B, T'] each: every image token repeated N_v times (`build_layout`).
+
+    Built once from `input_ids` and shared by every model that reads the batch (a student and its teacher each
+    place their own visual embeddings into it with `embed_layout`).
+    """
+
+    ids: torch.Tensor  # text token ids; 0 at visual and padding positions
+    visual: torch.Tensor  # bool, the visual positions
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor  # from the mask (or the caller's, for a batch without image tokens)
+    labels: torch.Tensor | None  # IGNORE_INDEX at visual and padding positions
+    token_types: torch.Tensor  # TokenType
+    source_index: torch.Tensor  # index into input_ids of each position, -1 where the mask is 0
+
+
+def build_layout(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    token_types: torch.Tensor | None = None,
+    num_patches: int | None = None,
+    padding_side: str | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> SequenceLayout:
+    """The expanded layout of a batch of [B, T] `input_ids` with one `IMAGE_TOKEN_INDEX` per image, each
+    expanded to `num_patches` (N_v) positions; a batch without image tokens keeps its layout (T' = T)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if token_types is None:
+        token_types = default_token_types(input_ids, attention_mask, labels)
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    if not bool(is_image.any()):
+        source = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        return SequenceLayout(input_ids, torch.zeros_like(is_image), attention_mask, position_ids, labels,
+                              token_types, source.masked_fill(attention_mask == 0, -1))
+    if num_patches is None:
+        raise ValueError("input_ids hold image tokens: num_patches (the tower's N_v) is needed to expand them")
+    source = expand_source_index(is_image, attention_mask, num_patches, padding_side)  # (B, T')
+    valid = source >= 0
+    gather = source.clamp(min=0)
+    ids = torch.where(valid, input_ids.gather(1, gather), 0)
+    mask = torch.where(valid, attention_mask.gather(1, gather), 0)
+    types = torch.where(valid, token_types.gather(1, gather), int(TokenType.PAD))
+    visual = ids == IMAGE_TOKEN_INDEX
+    new_labels = None
+    if labels is not None:
+        new_labels = torch.where(valid & ~visual, labels.gather(1, gather), IGNORE_INDEX)
+    return SequenceLayout(torch.where(visual, 0, ids), visual, mask, positions_from_mask(mask), new_labels, types,
+                          source.masked_fill(mask == 0, -1))
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
