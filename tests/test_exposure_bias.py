@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from aligntI_patch.divergences import token_divergence
 from aligntI_patch.exposure_bias import (
     accumulate,
     accumulated_errors,
@@ -46,20 +45,79 @@ def test_same_model_gives_zero(tokenizer, mini_world, pair, questions):
     assert torch.equal(excess_accumulated_error(torch.zeros(6), torch.zeros(6)), torch.zeros(6))
 
 
-def test_errors_positive_and_non_decreasing(tokenizer, mini_world, pair, questions):
+def test_excess_accumulated_error_on_hand_numbers():
+    """Eq. 11 on numbers worked out by hand: (3-2)/2 = +50 %, (6-4)/4 = +50 %, (2-4)/4 = -50 %, E = 0 -> 0."""
+    R, E = torch.tensor([3.0, 6.0, 2.0, 0.5]), torch.tensor([2.0, 4.0, 4.0, 0.0])
+    assert torch.equal(excess_accumulated_error(R, E), torch.tensor([50.0, 50.0, -50.0, 0.0]))
+
+
+def kl_reference(logits_t: torch.Tensor, logits_s: torch.Tensor) -> torch.Tensor:
+    """KL(P_T || P_S) of one next-token distribution, written out from log-softmax."""
+    log_t, log_s = logits_t.double().log_softmax(-1), logits_s.double().log_softmax(-1)
+    return (log_t.exp() * (log_t - log_s)).sum()
+
+
+def reference_accumulated_error(teacher, student, tokenizer, proc, questions, image_folder, prefixes,
+                                max_len):  # fmt: skip
+    """Eq. 9/10/12/13 as loops: step t of prompt i is one plain forward of teacher and student on prompt +
+    y_<t; E(l) sums over t <= l the mean over the prompts whose prefix reaches step t (none: adds 0)."""
+    per_step = [[] for _ in range(max_len)]  # step t -> KL of the prompts alive at t
+    for q, prefix in zip(questions, prefixes):
+        prompt, pixels = QuestionDataset([q], image_folder, tokenizer, proc, "qwen_2")[0]
+        images = None if pixels is None else pixels[None]
+        for t in range(min(len(prefix), max_len)):
+            ids = torch.cat([prompt, prefix[:t]])[None]
+            with torch.no_grad():
+                logits_t = teacher(input_ids=ids, images=images).logits[0, -1, : len(tokenizer)]
+                logits_s = student(input_ids=ids, images=images).logits[0, -1, : len(tokenizer)]
+            per_step[t].append(kl_reference(logits_t, logits_s))
+    total, out = 0.0, []
+    for kls in per_step:
+        if kls:
+            total += sum(kls) / len(kls)
+        out.append(float(total))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# answers of 13, 4, 5 and 4 tokens (turn end included): prompts drop out at different steps
+ANSWERED = [
+    {"text": "What is in the image?", "image": "val_000000.png",
+     "answer": "A red circle on the left of a blue square."},
+    {"text": "What color is the sky?", "answer": "Blue."},
+    {"text": "How many shapes are there?", "image": "val_000001.png", "answer": "Two."},
+    {"text": "Describe the image.", "image": "val_000002.png", "answer": "Blue."},
+]
+
+
+def test_train_time_error_equals_step_by_step_reference(tokenizer, mini_world, pair):
+    """E_train (Eq. 9) on ground-truth prefixes of different lengths, image and text-only prompts, batches of
+    three, and a last step no prompt reaches, against `reference_accumulated_error`."""
     teacher, student, proc = pair
-    kwargs = dict(max_len=6, batch_size=3, seed=0)
-    R = accumulated_errors(teacher, student, tokenizer, proc, questions, mini_world / "images", **kwargs)
-    E = accumulated_errors(teacher, student, tokenizer, proc, questions, mini_world / "images",
-                           prefix_source="teacher", **kwargs)
-    for acc in (R, E):
-        assert acc.shape == (6,) and bool((acc > 0).all())
-        assert bool((acc.diff() >= 0).all())
-    exacc = excess_accumulated_error(R, E)
-    assert torch.allclose(exacc, (R - E) / E * 100)
-    # same seed and batch size, same samples
-    again = accumulated_errors(teacher, student, tokenizer, proc, questions, mini_world / "images", **kwargs)
-    assert torch.equal(R, again)
+    prefixes = reference_prefixes(ANSWERED, tokenizer, "qwen_2", max_len=100)
+    assert [len(p) for p in prefixes] == [13, 4, 5, 4]
+    errors = accumulated_errors(teacher, student, tokenizer, proc, ANSWERED, mini_world / "images",
+                                max_len=14, batch_size=3, prefix_source="data")
+    expected = reference_accumulated_error(teacher, student, tokenizer, proc, ANSWERED, mini_world / "images",
+                                           prefixes, max_len=14)
+    torch.testing.assert_close(errors.double(), expected, rtol=1e-4, atol=1e-6)
+    assert expected[-1] == expected[-2]  # step 14: no prompt left
+
+
+@pytest.mark.parametrize("source", ["student", "teacher"])
+def test_sampled_prefix_errors_equal_step_by_step_reference(tokenizer, mini_world, pair, source):
+    """R (Eq. 12, student prefixes) and E (Eq. 13, teacher prefixes) against `reference_accumulated_error`
+    on the prefixes the named model samples (same seed and batch size); the other model's prefixes differ."""
+    teacher, student, proc = pair
+    kwargs = dict(max_len=5, batch_size=3, seed=0)
+    errors = accumulated_errors(teacher, student, tokenizer, proc, ANSWERED, mini_world / "images",
+                                prefix_source=source, **kwargs)
+    sampler, other = (student, teacher) if source == "student" else (teacher, student)
+    prefixes = sample_prefixes(sampler, tokenizer, proc, ANSWERED, mini_world / "images", "qwen_2", **kwargs)
+    others = sample_prefixes(other, tokenizer, proc, ANSWERED, mini_world / "images", "qwen_2", **kwargs)
+    assert any(not torch.equal(a, b) for a, b in zip(prefixes, others))
+    expected = reference_accumulated_error(teacher, student, tokenizer, proc, ANSWERED, mini_world / "images",
+                                           prefixes, max_len=5)
+    torch.testing.assert_close(errors.double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_accumulate_averages_over_alive_prompts():
@@ -89,8 +147,8 @@ def test_one_forward_equals_step_by_step_loop(tokenizer, mini_world, pair):
             with torch.no_grad():
                 logits_t = teacher(input_ids=ids, images=images).logits[0, -1, : len(tokenizer)]
                 logits_s = student(input_ids=ids, images=images).logits[0, -1, : len(tokenizer)]
-            expected = token_divergence(logits_s, logits_t, "fkl")
-            torch.testing.assert_close(kl[i, t], expected, rtol=1e-4, atol=1e-6)
+            expected = kl_reference(logits_t, logits_s)
+            torch.testing.assert_close(kl[i, t].double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_sample_prefixes_cut_after_stop_token(tokenizer, mini_world, questions):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -22,11 +23,10 @@ from aligntI_patch.iva import (
     importance_per_layer,
     instruction_vision_importance,
     iva_weights,
-    llm_inputs,
     normalize_alpha,
     source_model,
 )
-from llava.constants import TokenType
+from llava.constants import IMAGE_TOKEN_INDEX, TokenType
 
 P, V, N, R, TM = (
     TokenType.PAD,
@@ -40,10 +40,14 @@ N_V = 4
 LAYOUT = [TM, TM, V, V, V, V, N, N, N, TM, R, R]
 
 
-def tiny_model(arch: str = "qwen2", layers: int = 2, seed: int = 0) -> transformers.PreTrainedModel:
+def tiny_model(
+    arch: str = "qwen2", layers: int = 2, seed: int = 0, init: float = 0.02
+) -> transformers.PreTrainedModel:
+    """A random tiny LM; `init` 0.3 instead of 0.02 gives peaked attention, hence IRS far from 0 and layers
+    that differ (at 0.02 every attention row is nearly uniform and IRS is about 1e-5 on every layer)."""
     torch.manual_seed(seed)
     common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+                  num_attention_heads=4, num_key_value_heads=2, initializer_range=init)  # fmt: skip
     if arch == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
     return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common)).eval()
@@ -64,6 +68,69 @@ def make_batch(rows: list[list[int]], seed: int = 0, pad_left: bool = False) -> 
     return {"input_ids": ids, "attention_mask": mask, "token_types": types}
 
 
+@contextlib.contextmanager
+def eager(model: torch.nn.Module):
+    """`model` under eager attention for the block (it returns attention weights), then back."""
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def eager_alphas(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], layers: list[int]
+) -> dict[int, torch.Tensor]:
+    """Reference alpha (B, N_v) per layer: each row unpadded through the plain forward (`model(input_ids=...,
+    images=...)`, eager, `output_attentions=True`), then Eq. 3 as loops: alpha_k = 1/(heads N_i) sum_h sum_u
+    A_h(u, k) over the instruction rows u and visual columns k (the image token's type spread over its N_v
+    expanded positions)."""
+    images = iter(batch["images"]) if batch.get("images") is not None else None
+    alphas: dict[int, list] = {layer: [] for layer in layers}
+    for b in range(len(batch["input_ids"])):
+        keep = batch["attention_mask"][b].bool()
+        ids, types = batch["input_ids"][b, keep], batch["token_types"][b, keep].tolist()
+        kwargs = {"images": next(images)[None]} if (ids == IMAGE_TOKEN_INDEX).any() else {}
+        with torch.no_grad(), eager(model):
+            attentions = model(input_ids=ids[None], output_attentions=True, **kwargs).attentions
+        if kwargs:  # the image token became T' - T + 1 visual positions
+            at = ids.tolist().index(IMAGE_TOKEN_INDEX)
+            types = types[:at] + [int(V)] * (attentions[0].shape[-1] - len(ids) + 1) + types[at + 1 :]
+        rows = [u for u, t in enumerate(types) if t == N]
+        cols = [k for k, t in enumerate(types) if t == V]
+        for layer in layers:
+            attn = attentions[layer][0].cpu()  # (heads, T', T')
+            heads = range(attn.shape[0])
+            total = len(heads) * len(rows)
+            alpha = [sum(float(attn[h, u, k]) for h in heads for u in rows) / total for k in cols]
+            alphas[layer].append(alpha)
+    return {layer: torch.tensor(a) for layer, a in alphas.items()}
+
+
+def eager_alpha(model: torch.nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
+    """`eager_alphas` of one layer."""
+    return eager_alphas(model, batch, [layer])[layer]
+
+
+def reference_irs(alpha_a: torch.Tensor, alpha_b: torch.Tensor) -> float:
+    """Eq. 4 as loops: 1 - the mean over pairs of cos = sum_k a_k b_k / (|a| |b|), |a| = sqrt(sum_k a_k^2)."""
+    cosines = []
+    for a, b in zip(alpha_a.tolist(), alpha_b.tolist()):
+        dot = sum(x * y for x, y in zip(a, b))
+        cosines.append(dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))))
+    return 1.0 - sum(cosines) / len(cosines)
+
+
+def reference_irs_per_layer(model: torch.nn.Module, batches_a: list, batches_b: list, num_layers: int):
+    """`reference_irs` of each layer; row r of batches_a[i] pairs with row r of batches_b[i]."""
+    layers = list(range(num_layers))
+    alphas_a = [eager_alphas(model, batch, layers) for batch in batches_a]
+    alphas_b = [eager_alphas(model, batch, layers) for batch in batches_b]
+    return [reference_irs(torch.cat([a[layer] for a in alphas_a]), torch.cat([b[layer] for b in alphas_b]))
+            for layer in layers]  # fmt: skip
+
+
 # ---------------------------------------------------------------- alpha (Eq. 3)
 
 
@@ -76,7 +143,8 @@ def test_alpha_is_a_nonnegative_slice_of_softmax_rows() -> None:
         assert torch.all(alpha > 0) and torch.all(alpha.sum(1) <= 1 + 1e-6)
         normed = instruction_vision_importance(model, batch, layer, normalize=True)
         torch.testing.assert_close(normed.mean(1), torch.ones(3))
-        torch.testing.assert_close(normed, normalize_alpha(alpha))
+        ratio = normed / alpha  # a rescaling of each row: one factor per sample
+        torch.testing.assert_close(ratio, ratio[:, :1].expand(-1, N_V))
 
 
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -125,16 +193,15 @@ def test_alpha_matches_hand_computation_on_one_layer() -> None:
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("pad_left", [False, True])
-def test_alpha_does_not_depend_on_padding(arch: str, pad_left: bool) -> None:
-    model = tiny_model(arch)
+def test_alpha_equals_eager_attention_row_by_row(arch: str, pad_left: bool) -> None:
+    """alpha of a padded batch (rows of different lengths) against `eager_alpha`: each row alone, unpadded."""
+    model = tiny_model(arch, init=0.3)
     batch = make_batch([LAYOUT, LAYOUT[:-2], [TM, V, V, V, V, N, N, TM, R]], seed=7, pad_left=pad_left)
-    alpha = instruction_vision_importance(model, batch, 1)
-    for b in range(3):
-        keep = batch["attention_mask"][b].bool()
-        solo = {k: v[b : b + 1, keep] for k, v in batch.items()}  # the same row, unpadded
-        torch.testing.assert_close(
-            alpha[b], instruction_vision_importance(model, solo, 1)[0], atol=1e-6, rtol=0
-        )
+    expected = eager_alphas(model, batch, [0, 1])
+    for layer in (0, 1):
+        alpha = instruction_vision_importance(model, batch, layer)
+        torch.testing.assert_close(alpha, expected[layer], atol=1e-6, rtol=0)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the layers differ
 
 
 def test_importance_from_attention_handles_missing_image_and_instruction() -> None:
@@ -148,7 +215,7 @@ def test_importance_from_attention_handles_missing_image_and_instruction() -> No
     assert torch.all(alpha[1] == 0) and torch.all(alpha[2] == 0)  # no instruction / no image
     assert torch.all(importance_from_attention(attn, valid, visual, normalize=True)[1:] == 0)
     # Head-averaged rows give the same alpha.
-    torch.testing.assert_close(importance_from_attention(attn.mean(1), valid, visual), alpha)
+    torch.testing.assert_close(importance_from_attention(attn.mean(1), valid, visual)[0], expected0)
     visual[2, :2] = True  # 2 visual positions where the others hold 3
     with pytest.raises(ValueError, match="different numbers of visual positions"):
         importance_from_attention(attn, valid, visual)
@@ -158,16 +225,24 @@ def test_importance_from_attention_handles_missing_image_and_instruction() -> No
 
 
 def test_iva_weights_layout_sources_and_scales() -> None:
+    """Weights written out by hand: alpha_k at the k-th visual position (LAYOUT's 2..5), 0 elsewhere."""
     types = make_batch([LAYOUT, [TM, N, R, R]], seed=0)["token_types"]  # sample 1: text only
-    alpha = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.5, 0.5, 0.5, 0.5]])
-    w = iva_weights(alpha, types, "teacher")
-    assert w.shape == types.shape
-    torch.testing.assert_close(w[0, 2:6], alpha[0])
-    assert torch.all(w[0, :2] == 0) and torch.all(w[0, 6:] == 0) and torch.all(w[1] == 0)
-    torch.testing.assert_close(iva_weights(alpha, types, "student"), w)  # same layout, other model's alpha
-    torch.testing.assert_close(
-        iva_weights(alpha, types, "teacher", normalize=True)[0, 2:6], alpha[0] / 0.6 * 4
-    )
+    teacher_alpha = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    student_alpha = torch.tensor([[0.4, 0.0, 0.1, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    zeros = [0.0] * 12
+    teacher_row = [0.0, 0.0, 0.1, 0.2, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    student_row = [0.0, 0.0, 0.4, 0.0, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    teacher_w = iva_weights(teacher_alpha, types, "teacher")
+    student_w = iva_weights(student_alpha, types, "student")
+    torch.testing.assert_close(teacher_w, torch.tensor([teacher_row, zeros]))
+    torch.testing.assert_close(student_w, torch.tensor([student_row, zeros]))
+    # normalized: alpha / sum(alpha) * N_v, i.e. [0.1, 0.2, 0.3, 0] / 0.6 * 4 and [0.4, 0, 0.1, 0.2] / 0.7 * 4
+    torch.testing.assert_close(iva_weights(teacher_alpha, types, "teacher", normalize=True)[0, 2:6],
+                               torch.tensor([2 / 3, 4 / 3, 2.0, 0.0]))  # fmt: skip
+    torch.testing.assert_close(iva_weights(student_alpha, types, "student", normalize=True)[0, 2:6],
+                               torch.tensor([16 / 7, 0.0, 4 / 7, 8 / 7]))  # fmt: skip
+    torch.testing.assert_close(normalize_alpha(torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]])),
+                               torch.tensor([[2 / 3, 4 / 3, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))  # fmt: skip
     uniform = iva_weights(None, types, "uniform")
     torch.testing.assert_close(uniform[0, 2:6], torch.full((4,), 0.25))  # sums to 1, like raw alpha at most
     assert uniform[0].sum() == pytest.approx(1.0) and torch.all(uniform[1] == 0)
@@ -175,14 +250,15 @@ def test_iva_weights_layout_sources_and_scales() -> None:
     with pytest.raises(ValueError, match="needs alpha"):
         iva_weights(None, types, "student")
     with pytest.raises(ValueError, match="one of"):
-        iva_weights(alpha, types, "random")
+        iva_weights(teacher_alpha, types, "random")
     with pytest.raises(ValueError, match="does not match"):
-        iva_weights(alpha[:, :3], types, "teacher")
+        iva_weights(teacher_alpha[:, :3], types, "teacher")
 
 
 def test_source_switch_picks_the_model() -> None:
-    teacher, student = tiny_model(seed=0), tiny_model(seed=1)
-    batch = make_batch([LAYOUT, LAYOUT], seed=2)
+    """Teacher and student alpha each equal `eager_alpha` of their own model, and differ from each other."""
+    teacher, student = tiny_model(seed=0, init=0.3), tiny_model(seed=1, init=0.3)
+    batch = make_batch([LAYOUT, LAYOUT[:-1]], seed=2)
     assert source_model("teacher", teacher, student) is teacher
     assert source_model("student", teacher, student) is student
     assert source_model("uniform", teacher, student) is None
@@ -190,9 +266,9 @@ def test_source_switch_picks_the_model() -> None:
         source_model("both", teacher, student)
     a_t = instruction_vision_importance(source_model("teacher", teacher, student), batch, 1)
     a_s = instruction_vision_importance(source_model("student", teacher, student), batch, 1)
-    assert not torch.allclose(a_t, a_s)
-    assert not torch.allclose(iva_weights(a_t, batch["token_types"], "teacher"),
-                              iva_weights(a_s, batch["token_types"], "student"))  # fmt: skip
+    torch.testing.assert_close(a_t, eager_alpha(teacher, batch, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(a_s, eager_alpha(student, batch, 1), atol=1e-6, rtol=0)
+    assert not torch.allclose(a_t, a_s, atol=1e-2)
 
 
 # ---------------------------------------------------------------- IRS (Eq. 4)
@@ -207,26 +283,28 @@ def test_irs_identical_orthogonal_and_hand_case() -> None:
     assert instruction_relevance_score(a, b) == pytest.approx(1 - (1 / math.sqrt(2) + 1) / 2)
     # A pair with an all-zero alpha (no instruction) is skipped.
     a0, b0 = torch.cat([a, torch.zeros(1, 2)]), torch.cat([b, torch.ones(1, 2)])
-    assert instruction_relevance_score(a0, b0) == pytest.approx(instruction_relevance_score(a, b))
+    assert instruction_relevance_score(a0, b0) == pytest.approx(1 - (1 / math.sqrt(2) + 1) / 2)
     with pytest.raises(ValueError, match="no pair"):
         instruction_relevance_score(torch.zeros(2, 3), torch.ones(2, 3))
 
 
-def test_irs_per_layer_matches_alpha_layer_by_layer() -> None:
-    model = tiny_model("qwen3", layers=3)
+def test_irs_per_layer_equals_eager_reference() -> None:
+    """IRS(l) over four pairs (right- and left-padded batches) against Eq. 4 written as loops on alpha from
+    eager attention row by row (`reference_irs_per_layer`), for every layer of a Qwen3."""
+    model = tiny_model("qwen3", layers=3, init=0.3)
     rows_a = [LAYOUT, [TM, V, V, V, V, N, N, TM, R]]
     rows_b = [[TM, V, V, V, V, N, N, N, N, TM, R], LAYOUT]
     batches_a = [make_batch(rows_a, seed=1), make_batch(rows_a, seed=2, pad_left=True)]
     batches_b = [make_batch(rows_b, seed=3), make_batch(rows_b, seed=4, pad_left=True)]
     scores = irs_per_layer(model, batches_a, batches_b)
-    assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
-    for layer in range(3):
-        alpha_a = torch.cat([instruction_vision_importance(model, b, layer) for b in batches_a])
-        alpha_b = torch.cat([instruction_vision_importance(model, b, layer) for b in batches_b])
-        assert scores[layer] == pytest.approx(instruction_relevance_score(alpha_a, alpha_b), abs=1e-6)
-    assert irs_per_layer(model, batches_a, batches_b, layers=[2]) == pytest.approx(scores[2:], abs=1e-6)
-    per_layer = importance_per_layer(model, batches_a[0], [0, 2])
-    torch.testing.assert_close(per_layer[2], instruction_vision_importance(model, batches_a[0], 2))
+    expected = reference_irs_per_layer(model, batches_a, batches_b, 3)
+    assert min(expected) > 0.02 and max(expected) - min(expected) > 0.03  # far from 0, different per layer
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert irs_per_layer(model, batches_a, batches_b, layers=[2]) == pytest.approx(expected[2:], abs=1e-5)
+    per_layer = importance_per_layer(model, batches_a[1], [0, 2])
+    expected_alpha = eager_alphas(model, batches_a[1], [0, 2])
+    for layer in (0, 2):
+        torch.testing.assert_close(per_layer[layer], expected_alpha[layer], atol=1e-6, rtol=0)
 
 
 def record(image: str | None, question: str, rid: int) -> dict:
@@ -325,29 +403,14 @@ def test_select_iva_layer(tmp_path) -> None:
     (tmp_path / "deeper.json").write_text(json.dumps({**saved, "layers": [0, 1, 2, 3, 4], "best_layer": 1}))
     with pytest.raises(ValueError, match="scores layers up to 4 but the student has 3: .*another model"):
         select_iva_layer("auto", model, irs_path=tmp_path / "deeper.json", name="the student")
-    # Without a file: computed on the given pairs, argmax of IRS.
+    # Without a file: computed on the given pairs; the layer of the highest IRS from eager attention (Eq. 4 as
+    # loops), here the middle one by a clear margin
+    sharp = tiny_model(layers=3, seed=5, init=0.3)
     batches_a = [make_batch([LAYOUT, LAYOUT], seed=1)]
     batches_b = [make_batch([[TM, V, V, V, V, N, TM, R], LAYOUT], seed=2)]
-    scores = irs_per_layer(model, batches_a, batches_b)
-    chosen = select_iva_layer("auto", model, paired_batches=(batches_a, batches_b))
-    assert chosen == max(range(3), key=scores.__getitem__)
-
-
-def eager_alpha(model: torch.nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
-    """Reference alpha (B, N_v) from eager output_attentions in the expanded layout, whatever `model` runs."""
-    inputs = llm_inputs(model, batch)
-    impl = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attn = model(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                         position_ids=inputs.position_ids, output_attentions=True).attentions[layer]  # fmt: skip
-    finally:
-        model.set_attn_implementation(impl)
-    attn = attn.mean(1)  # (B, T', T'): mean over heads
-    types = inputs.token_types
-    rows = [attn[b][types[b] == N][:, types[b] == V] for b in range(len(attn))]  # (N_i, N_v) each
-    return torch.stack([r.mean(0) for r in rows])  # (B, N_v)
+    irs = reference_irs_per_layer(sharp, batches_a, batches_b, 3)
+    assert irs[1] > max(irs[0], irs[2]) + 0.1
+    assert select_iva_layer("auto", sharp, paired_batches=(batches_a, batches_b)) == 1
 
 
 # flex_attention runs on CUDA only (torch's CPU kernel is unreliable: llava/model/builder.py)
@@ -384,13 +447,13 @@ def test_alpha_under_flex_attention_equals_eager(flex_lms, arch: str, pad_left: 
 def test_alpha_through_the_llava_layout_with_images(attn: str) -> None:
     """With images, alpha is read in the expanded layout made by prepare_inputs_labels_for_multimodal."""
     llava_qwen = pytest.importorskip("llava.model.language_model.llava_qwen")
-    from llava.constants import IMAGE_TOKEN_INDEX
 
     vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                              num_attention_heads=2, image_size=16, patch_size=8)  # fmt: skip
     cfg = llava_qwen.LlavaQwenConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, mm_vision_tower="tiny",
-                                     mm_vision_config=vision.to_dict(), mm_hidden_size=16)  # fmt: skip
+                                     mm_vision_config=vision.to_dict(), mm_hidden_size=16,
+                                     initializer_range=0.3)  # fmt: skip
     torch.manual_seed(0)
     # from_config sets the LLM's attention only; the SigLIP tower keeps sdpa (no flex compile for it)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
@@ -412,11 +475,13 @@ def test_alpha_through_the_llava_layout_with_images(attn: str) -> None:
 
 
 def test_irs_cli_end_to_end(tmp_path) -> None:
-    """python -m aligntI_patch.irs on a tiny saved LLaVA checkpoint and a LLaVA JSON with multi-turn records."""
+    """python -m aligntI_patch.irs on a tiny saved LLaVA checkpoint and a LLaVA JSON with multi-turn records;
+    both curves equal `reference_irs_per_layer` on the pairs the CLI reads."""
     pytest.importorskip("llava.train.data")
     from PIL import Image
 
-    from aligntI_patch.irs import main
+    from aligntI_patch.irs import load_paired_batches, main
+    from llava.model.builder import load_pretrained_model
     from llava.model.language_model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM
     from llava.tiny.tokenizer import train_tokenizer
 
@@ -442,7 +507,7 @@ def test_irs_cli_end_to_end(tmp_path) -> None:
     cfg = LlavaQwenConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, mm_vision_tower="tiny",
                           mm_vision_config=vision.to_dict(), mm_hidden_size=16,
-                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                          pad_token_id=tokenizer.pad_token_id, initializer_range=0.3)  # fmt: skip
     torch.manual_seed(0)
     LlavaQwenForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
     main(["--model-path", str(tmp_path / "ckpt"), "--data-path", str(tmp_path / "data.json"),
@@ -453,6 +518,15 @@ def test_irs_cli_end_to_end(tmp_path) -> None:
     assert result["layers"] == [0, 1, 2] and result["num_pairs"] == 5 and result["pairing"] == "iid"
     assert {k: v["num_pairs"] for k, v in result["curves"].items()} == {"iid": 5, "same_image": 5}
     assert result["curves"]["iid"]["irs"] == result["irs"]
-    assert all(0 <= s <= 1 for c in result["curves"].values() for s in c["irs"]) and len(result["irs"]) == 3
-    assert result["best_layer"] == max(range(3), key=result["irs"].__getitem__)
+    tokenizer, model, processor, context_len = load_pretrained_model(str(tmp_path / "ckpt"))
+    for pairing, curve in result["curves"].items():
+        batches_a, batches_b, _ = load_paired_batches(
+            tokenizer, processor, model.eval(), str(tmp_path / "data.json"), str(tmp_path), "qwen_2",
+            num_pairs=5, batch_size=2, seed=0, context_len=context_len, pairing=pairing,
+        )  # the pairs the CLI reads
+        expected = reference_irs_per_layer(model, batches_a, batches_b, 3)
+        assert curve["irs"] == pytest.approx(expected, abs=1e-5)
+        if pairing == "iid":  # the layer of the highest reference IRS, by a margin the tolerance cannot flip
+            best = max(range(3), key=expected.__getitem__)
+            assert result["best_layer"] == best and expected[best] > sorted(expected)[-2] + 1e-3
     assert (tmp_path / "out" / "irs.png").stat().st_size > 0
