@@ -1,0 +1,133 @@
+"""Command line of the experiment runner (see the package docstring and docs/reproduction.md).
+
+    python -m aligntI_patch.experiments run --grid NAME --seeds N --out DIR [--epochs E] [--only RECIPE] [--dry-run]
+    python -m aligntI_patch.experiments report --out DIR
+    python -m aligntI_patch.experiments grids
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from aligntI_patch.experiments.cell import TinyBackend
+from aligntI_patch.experiments.context import (
+    LAUNCHERS,
+    REPO,
+    build_command,
+    ensure_cache,
+    missing_parts,
+    resolve_setup,
+)
+from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, expand
+from aligntI_patch.experiments.report import write_report
+from aligntI_patch.experiments.runner import dry_run, run_grid
+from llava.tiny.preset import STUDENT_STAGES
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="train and score the cells of a grid (finished cells are skipped)")
+    p.add_argument("--grid", required=True, choices=GRID_NAMES, help="the grid to run")
+    p.add_argument("--out", required=True, help="out dir: cells/, results.jsonl, report.md (shared by grids)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    seeds.add_argument("--seed-list", type=_seed_list, help="explicit seeds, e.g. 3,4 (instead of --seeds)")
+    p.add_argument("--epochs", type=float, default=STUDENT_STAGES["finetune"]["epochs"],
+                   help="student epochs of every cell (default: the main job's, %(default)g; the budget grid sets "
+                        "its own)")
+    p.add_argument("--data-fraction", type=float, default=1.0,
+                   help="share of finetune.json each student sees (default 1; the data_fraction grid sets its own)")
+    p.add_argument("--only", action="append", default=[], metavar="RECIPE", help="keep the rows of these recipes")
+    p.add_argument("--dry-run", action="store_true", help="print the commands; train nothing, write nothing")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each student's weights (default: deleted "
+                   "after scoring; logs and recipe.json stay)")
+    p.add_argument("--keep-going", action="store_true", help="after a failed cell, run the others (then fail)")
+    p.add_argument("--root", default=str(REPO / "playground" / "tiny"),
+                   help="tiny preset cache, built there when missing (default: the repository's playground/tiny)")
+    p.add_argument("--backbone", default="qwen2", choices=["qwen2", "qwen3"], help="LLM family of the preset (default qwen2)")
+    p.add_argument("--teacher", help="teacher checkpoint dir instead of the preset's")
+    p.add_argument("--pretrain", help="student pretrain-stage checkpoint dir (full LLaVA-Qwen) instead of the preset's")
+    p.add_argument("--world", help="tiny-world dir (finetune.json, images/, val/test questions) instead of the preset's")
+    p.add_argument("--vision-tower", help="SigLIP dir (default: the preset's with its pretrain, else the checkpoint's)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="cpu",
+                   help="cpu (default): python --use_cpu; deepspeed: the deepspeed launcher on --num_gpus GPUs")
+    p.add_argument("--num_gpus", "--num-gpus", type=int, default=None, help="GPUs for --launcher deepspeed (default: all visible)")
+    p.add_argument("--ds-config", help="DeepSpeed config for --launcher deepspeed (default scripts/zero2.json)")
+    p.add_argument("--extra-args", default="", help="more distill flags for every cell, split as a shell would "
+                   "(they enter the cell ids)")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="batch of the val/test scoring (default 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aligntI_patch.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
+    rep = sub.add_parser("report", help="write DIR/report.md and DIR/<grid>.png from an out dir, print the markdown")
+    rep.add_argument("--out", required=True, help="the out dir of `run`")
+    sub.add_parser("grids", help="list the grids, their rows and claims (iva_layer for a 4-layer teacher)")
+    return parser
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+    if not seeds:
+        parser.error("no seeds: give --seeds N (N >= 1) or --seed-list")
+    if not 0 < args.data_fraction <= 1 or args.epochs <= 0:
+        parser.error("--data-fraction must lie in (0, 1] and --epochs be > 0")
+    explicit = (args.teacher, args.pretrain, args.world)
+    setup = resolve_setup(args.root, args.backbone, *explicit, vision_tower=args.vision_tower,
+                          launcher=args.launcher, num_gpus=args.num_gpus, ds_config=args.ds_config)
+    grid = build_grid(args.grid, setup.teacher_layers())
+    cells = expand(grid, seeds, args.epochs, args.data_fraction, tuple(args.only), tuple(shlex.split(args.extra_args)))
+    backend = TinyBackend(setup, keep_checkpoints=args.keep_checkpoints, eval_batch_size=args.eval_batch_size)
+    uses_preset = not all(explicit)
+    if args.dry_run:
+        if missing_parts(setup) and uses_preset:
+            cmd, env = build_command(args.root, args.backbone, setup)
+            sys.stdout.write(f"# build the preset's cache\nTINY_ROOT={env['TINY_ROOT']} TINY_BACKBONE="
+                             f"{args.backbone} NUM_GPUS={env['NUM_GPUS']} {shlex.join(cmd)}\n")
+        dry_run(grid, cells, Path(args.out), backend, sys.stdout.write)
+        return
+    ensure_cache(setup, args.root, args.backbone, uses_preset)
+    run_grid(grid, cells, args.out, backend, keep_going=args.keep_going, write=sys.stdout.write)
+    sys.stdout.write(f"done; the report: python -m aligntI_patch.experiments report --out {args.out}\n")
+
+
+def list_grids() -> None:
+    for name in GRID_NAMES:
+        grid = build_grid(name, teacher_layers=4)
+        sys.stdout.write(f"{name} ({grid.paper}; {grid.split} split)\n")
+        for v in grid.variants:
+            sys.stdout.write(f"  {v.name}: --recipe {v.recipe}"
+                             + "".join(f" --{k} {val}" for k, val in v.options.items())
+                             + (f" (epochs {v.epochs:g})" if v.epochs else "")
+                             + (f" (data {v.data_fraction:g})" if v.data_fraction is not None else "") + "\n")
+        for c in grid.claims:
+            sys.stdout.write(f"  claim {c.a} > {c.b}: {c.says}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[experiments] %(message)s")
+    if args.command == "run":
+        run(args, parser)
+    elif args.command == "report":
+        sys.stdout.write(write_report(args.out))
+    else:
+        list_grids()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""One cell: train a student with `python -m aligntI_patch.distill`, score it on the val and test splits.
+
+Design choices
+- Hyperparameters are the main job's for its Align-TI student (`scripts/v1_5/distill_aligntI.sh` on the tiny
+  preset): the preset's student finetune stage (`llava.tiny.preset.STUDENT_STAGES`) and its shared stage
+  flags (`common_train_args`); a test checks them against the script's defaults. Only the recipe, its flags,
+  the epochs, the data and `--seed` change from cell to cell.
+- Training runs in a subprocess (a fresh process per cell, as the main job; the deepspeed launcher needs one
+  anyway); its output goes to CELL/train.log. Scoring runs in this process (`evaluate_tiny`).
+- A data fraction below 1 trains on CELL/finetune_subset.json: the first round(f * n) records of a
+  permutation drawn from the seed, kept in the original order, so the 25 % subset is inside the 50 % one.
+- After scoring, the student's weights (and trainer checkpoints) are deleted unless `keep_checkpoints`; the
+  log, recipe.json, irs.json, config and trainer_state.json stay.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aligntI_patch.experiments.context import REPO, Setup
+from aligntI_patch.experiments.grids import Cell, canonical_options
+from llava.tiny.preset import STUDENT_STAGES, common_train_args
+
+SPLITS = ("test", "val")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class Outcome:
+    """A trained cell's scores ({split: evaluate_tiny summary}) and timings in seconds."""
+
+    scores: dict[str, dict]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class CellFailed(RuntimeError):
+    """Training a cell ended with an error; the message holds the tail of its log."""
+
+
+def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[:i + 1], value, *args[i + 2:]]
+
+
+def student_args(setup: Setup, cell: Cell, output_dir: Path, data_path: Path) -> list[str]:
+    """The arguments of `aligntI_patch.distill` for `cell` (no launcher flags)."""
+    stage = STUDENT_STAGES["finetune"]
+    shared = common_train_args(output_dir, data_path, setup.world / "images", setup.version, cell.epochs,
+                               stage["lr"], stage["batch"])
+    shared = [a for a in shared if a != "--use_cpu"]  # the launcher decides
+    shared = _replace_flag(_replace_flag(shared, "--seed", str(cell.seed)), "--disable_tqdm", "True")
+    model = ["--model_name_or_path", str(setup.pretrain), "--teacher_model_path", str(setup.teacher)]
+    if setup.vision_tower is not None:
+        model += ["--vision_tower", str(setup.vision_tower)]
+    model += ["--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--image_aspect_ratio", "pad"]
+    options = [a for k, v in canonical_options(cell.recipe, cell.options).items() for a in (f"--{k}", str(v))]
+    return [*model, *shared, "--recipe", cell.recipe, *options, *cell.extra_args]
+
+
+def distill_command(setup: Setup, args: list[str], port: str | None = None) -> list[str]:
+    """`python -m aligntI_patch.distill ... --use_cpu`, or the deepspeed launcher with `--deepspeed` on GPUs."""
+    if setup.launcher == "cpu":
+        return [sys.executable, "-m", "aligntI_patch.distill", *args, "--use_cpu"]
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    port_args = ["--master_port", port] if port else []
+    return [launcher, "--num_gpus", str(setup.num_gpus), *port_args, "--module", "aligntI_patch.distill",
+            "--deepspeed", str(setup.ds_config), *args]
+
+
+def write_subset(data_path: Path, fraction: float, seed: int, out: Path) -> Path:
+    """The first round(fraction * n) records of a seeded permutation of `data_path`, in their original order."""
+    from llava.train.data import load_records
+
+    records = load_records(str(data_path))
+    order = list(range(len(records)))
+    random.Random(f"aligntI-experiments/data_fraction/{seed}").shuffle(order)
+    keep = sorted(order[:max(1, round(fraction * len(records)))])
+    out.write_text(json.dumps([records[i] for i in keep], ensure_ascii=False))
+    return out
+
+
+def prune_weights(output_dir: Path) -> None:
+    """Delete trainer checkpoints and weight files of a trained student; keep logs, configs and recipe.json."""
+    for path in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(path)
+    for path in output_dir.iterdir():
+        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+            path.unlink()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class TinyBackend:
+    """The real backend of the runner: distill in a subprocess, then `evaluate_tiny` on val and test.
+
+    The runner calls only `describe`, `identity`, `evaluate_teacher` and `train_and_evaluate`; a test passes
+    any object with these four methods instead (`run_grid(..., backend=...)`)."""
+
+    setup: Setup
+    keep_checkpoints: bool = False
+    eval_batch_size: int = 32
+
+    def identity(self) -> dict:
+        return self.setup.identity()
+
+    def paths(self, cell: Cell, cell_dir: Path) -> tuple[Path, Path]:
+        """The student's output dir and the finetune data of `cell`."""
+        data = self.setup.world / "finetune.json"
+        if cell.data_fraction != 1.0:
+            data = cell_dir / "finetune_subset.json"
+        return cell_dir / "student", data
+
+    def describe(self, cell: Cell, cell_dir: Path) -> str:
+        out, data = self.paths(cell, cell_dir)
+        subset = ""
+        if cell.data_fraction != 1.0:
+            subset = f"# writes {data}: {cell.data_fraction:g} of finetune.json (seed {cell.seed})\n"
+        return subset + shlex.join(distill_command(self.setup, student_args(self.setup, cell, out, data)))
+
+    def evaluate(self, checkpoint: Path) -> dict[str, dict]:
+        """{split: per-family summary} of `checkpoint` on the world's test and val questions."""
+        import torch
+
+        from llava.eval.eval_tiny import evaluate_tiny
+
+        scores = {split: evaluate_tiny(str(checkpoint), self.setup.world, split=split, batch_size=self.eval_batch_size,
+                                       device=self.setup.device) for split in SPLITS}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return scores
+
+    def evaluate_teacher(self) -> dict[str, dict]:
+        return self.evaluate(self.setup.teacher)
+
+    def train_and_evaluate(self, cell: Cell, cell_dir: Path) -> Outcome:
+        from llava.tiny.fixtures import free_port
+
+        out, data = self.paths(cell, cell_dir)
+        if cell.data_fraction != 1.0:
+            write_subset(self.setup.world / "finetune.json", cell.data_fraction, cell.seed, data)
+        cmd = distill_command(self.setup, student_args(self.setup, cell, out, data), free_port())
+        log = cell_dir / "train.log"
+        start = time.monotonic()
+        with open(log, "w") as f:
+            f.write(shlex.join(cmd) + "\n")
+            f.flush()
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
+        train_s = time.monotonic() - start
+        if rc != 0:
+            raise CellFailed(f"cell {cell.id}: distill exited with {rc}; the end of {log}:\n{_tail(log)}")
+        scores = self.evaluate(out)
+        eval_s = time.monotonic() - start - train_s
+        if not self.keep_checkpoints:
+            prune_weights(out)
+        return Outcome(scores, {"train_s": round(train_s, 1), "eval_s": round(eval_s, 1)})

@@ -1,0 +1,225 @@
+"""The report of an out dir: per grid, accuracy over seeds, the gap recovered, the paper's claims, a plot.
+
+    python -m aligntI_patch.experiments report --out DIR      # writes DIR/report.md and DIR/<grid>.png
+
+Design choices
+- Everything comes from DIR's files (runner.py): grids/<grid>.json says which cells a grid holds and what the
+  paper claims, results.jsonl gives their rows, teacher.json the teacher's. Nothing is recomputed.
+- A grid reads one split: test, except `budget`, which reads val (the split that may choose a budget).
+- A row is a variant at one setting (epochs, data fraction, extra flags); a variant run at several settings
+  gets the setting in its label. Claims pair rows of the same setting, seed by seed.
+- The SFT reference of the gap recovered is the `sft` cell of the same setting and seeds, whichever grid
+  ran it; families where the teacher leads it by less than 10 points are listed instead, with the lead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aligntI_patch.experiments.grids import cell_id
+from aligntI_patch.experiments.runner import read_rows
+from aligntI_patch.experiments.stats import (
+    MIN_TEACHER_LEAD,
+    Estimate,
+    gap_recovered,
+    mean_interval,
+    paired_difference,
+)
+from llava.tiny.questions import FAMILIES
+
+Setting = tuple  # (epochs, data_fraction, extra_args)
+
+
+@dataclass
+class Group:
+    """One row of a grid's table: a variant at one setting, its values per column and seed."""
+
+    variant: str
+    recipe: str
+    setting: Setting
+    series: str | None = None
+    x: float | None = None
+    label: str = ""
+    values: dict[str, dict[int, float]] = field(default_factory=dict)  # column -> seed -> accuracy %
+
+    def estimate(self, column: str) -> Estimate | None:
+        seeds = self.values.get(column, {})
+        return mean_interval([seeds[s] for s in sorted(seeds)]) if seeds else None
+
+
+def _setting(entry: dict) -> Setting:
+    return entry["epochs"], entry["data_fraction"], tuple(entry.get("extra_args", ()))
+
+
+def _setting_label(setting: Setting) -> str:
+    epochs, fraction, extra = setting
+    return ", ".join([f"ep{epochs:g}", *([f"{100 * fraction:g}% data"] if fraction != 1 else []),
+                      *([" ".join(extra)] if extra else [])])
+
+
+def build_groups(manifest: dict, rows: dict[str, dict]) -> list[Group]:
+    """The grid's rows in variant order then setting, with the values of its split (finished cells only)."""
+    groups: dict[tuple, Group] = {}
+    for e in manifest["cells"]:
+        key = (e["variant"], _setting(e))
+        group = groups.setdefault(key, Group(e["variant"], e["recipe"], key[1], e.get("series"), e.get("x")))
+        row = rows.get(e["cell"])
+        for column, value in (row or {}).get(manifest["split"], {}).items():
+            group.values.setdefault(column, {})[e["seed"]] = value
+    settings_of: dict[str, set] = {}
+    for variant, setting in groups:
+        settings_of.setdefault(variant, set()).add(setting)
+    for (variant, setting), g in groups.items():
+        g.label = variant if len(settings_of[variant]) == 1 else f"{variant} ({_setting_label(setting)})"
+    order = {v: i for i, v in enumerate(manifest["variants"])}
+    return sorted(groups.values(), key=lambda g: (order.get(g.variant, len(order)), g.setting))
+
+
+def columns_of(groups: list[Group], teacher: dict) -> list[str]:
+    present = set(teacher) | {c for g in groups for c in g.values}
+    present.discard("overall")
+    return [f for f in FAMILIES if f in present] + sorted(present - set(FAMILIES)) + ["overall"]
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def results_table(groups: list[Group], teacher: dict, columns: list[str]) -> str:
+    lines = [["teacher", "-", *(f"{teacher[c]:.1f}" if c in teacher else "-" for c in columns)]]
+    for g in groups:
+        n = max((len(v) for v in g.values.values()), default=0)
+        lines.append([g.label, str(n), *(e.format() if (e := g.estimate(c)) else "-" for c in columns)])
+    return _table(["model", "seeds", *columns], lines)
+
+
+def sft_reference(setting: Setting, seeds: set[int], rows: dict[str, dict], split: str) -> dict[str, dict[int, float]]:
+    """The `sft` cells' values at `setting` for `seeds` (column -> seed -> accuracy), from any grid."""
+    epochs, fraction, extra = setting
+    values: dict[str, dict[int, float]] = {}
+    for seed in seeds:
+        row = rows.get(cell_id("sft", {}, epochs, fraction, seed, extra))
+        for column, value in (row or {}).get(split, {}).items():
+            values.setdefault(column, {})[seed] = value
+    return values
+
+
+def _mean(values: dict[int, float], seeds: set[int]) -> float:
+    return sum(values[s] for s in seeds) / len(seeds)
+
+
+def gap_section(groups: list[Group], rows: dict[str, dict], teacher: dict, columns: list[str], split: str) -> str:
+    """Gap recovered per family (teacher lead >= 10 points over SFT) and the families left out, per setting."""
+    parts = []
+    for setting in sorted({g.setting for g in groups}):
+        members = [g for g in groups if g.setting == setting and g.recipe != "sft"]
+        seeds = {s for g in members for v in g.values.values() for s in v}
+        sft = sft_reference(setting, seeds, rows, split)
+        if not sft or not members:
+            parts.append(f"Gap recovered ({_setting_label(setting)}): no `sft` cell at this setting in this out dir "
+                         "(run `--only sft` of any grid with the same --epochs / --data-fraction).")
+            continue
+        lead = {c: teacher[c] - _mean(sft[c], set(sft[c])) for c in columns if c in teacher and c in sft}
+        kept = [c for c in columns if c in lead and lead[c] >= MIN_TEACHER_LEAD]
+        lines = []
+        for g in members:
+            cells = []
+            for c in kept:
+                common = set(g.values.get(c, {})) & set(sft[c])
+                gap = gap_recovered(_mean(g.values[c], common), _mean(sft[c], common), teacher[c]) if common else None
+                cells.append("-" if gap is None else f"{100 * gap:.0f} %")
+            lines.append([g.label, *cells])
+        left_out = ", ".join(f"{c} (lead {lead[c]:+.1f})" for c in columns if c in lead and c not in kept)
+        text = f"Gap recovered, (student - SFT) / (teacher - SFT), {_setting_label(setting)}:\n\n"
+        text += _table(["model", *kept], lines) if kept else "no family where the teacher leads SFT by 10 points."
+        if left_out:
+            text += f"\n\nLeft out (the teacher leads SFT by less than {MIN_TEACHER_LEAD:g} points: no signal): {left_out}."
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def claims_section(manifest: dict, groups: list[Group], columns: list[str]) -> str:
+    """Paired differences a - b (same seed) for each claim at each setting where both rows exist."""
+    by_key = {(g.variant, g.setting): g for g in groups}
+    lines = []
+    for claim in manifest["claims"]:
+        for setting in sorted({g.setting for g in groups}):
+            a, b = by_key.get((claim["a"], setting)), by_key.get((claim["b"], setting))
+            if a is None or b is None:
+                continue
+            diffs = [paired_difference(a.values.get(c, {}), b.values.get(c, {})) for c in columns]
+            overall = diffs[-1]
+            if overall is None:
+                continue
+            where = f" ({_setting_label(setting)})" if len({g.setting for g in groups}) > 1 else ""
+            lines.append([f"{claim['a']} − {claim['b']}{where}", claim["says"], str(overall.n), overall.sign(),
+                          *(d.format() if d else "-" for d in diffs)])
+    if not lines:
+        return "Paired differences: no claim has both of its rows finished yet."
+    header = ["difference", "the paper", "seeds", "sign", *columns]
+    return ("Paired differences (same seed), mean ± 95 % t interval; sign: + / - when the interval excludes 0, "
+            "? when it spans 0:\n\n" + _table(header, lines))
+
+
+def best_budget(groups: list[Group]) -> str:
+    """The epochs with the highest val accuracy overall, averaged over the budget grid's recipes and seeds."""
+    by_epochs: dict[float, list[float]] = {}
+    for g in groups:
+        if "overall" in g.values:
+            by_epochs.setdefault(g.setting[0], []).extend(g.values["overall"].values())
+    if not by_epochs:
+        return ""
+    means = {e: sum(v) / len(v) for e, v in by_epochs.items()}
+    best = max(means, key=means.get)
+    curve = ", ".join(f"ep{e:g} {m:.1f}" for e, m in sorted(means.items()))
+    return f"Mean val overall over recipes and seeds: {curve}. Highest: {best:g} epochs (val split only)."
+
+
+def load_out(out: Path) -> tuple[list[dict], dict[str, dict], dict]:
+    """(grid manifests, rows by cell id, teacher {split: {family: %}}) of an out dir."""
+    manifests = [json.loads(p.read_text()) for p in sorted((out / "grids").glob("*.json"))]
+    if not manifests:
+        raise FileNotFoundError(f"{out} has no grids/*.json: run `python -m aligntI_patch.experiments run` first")
+    teacher_path = out / "teacher.json"
+    teacher = json.loads(teacher_path.read_text()) if teacher_path.is_file() else {}
+    return manifests, read_rows(out), teacher
+
+
+def grid_section(manifest: dict, rows: dict[str, dict], teacher_all: dict, out: Path) -> str:
+    """The markdown of one grid (and its PNG written beside report.md)."""
+    from aligntI_patch.experiments.plots import plot_grid
+
+    split = manifest["split"]
+    teacher = teacher_all.get(split, {})
+    groups = build_groups(manifest, rows)
+    columns = columns_of(groups, teacher)
+    finished = [rows[e["cell"]] for e in manifest["cells"] if e["cell"] in rows]
+    hours = sum(r.get("wall_s", 0) for r in finished) / 3600
+    head = (f"## {manifest['grid']}: {manifest['paper']}\n\n{len(finished)} of {len(manifest['cells'])} cells "
+            f"finished, {hours:.2f} h of training and scoring in all (shared cells counted in every grid). "
+            f"{split.capitalize()} split, accuracy %, mean ± 95 % t interval over seeds (n=1: no interval).")
+    parts = [head, results_table(groups, teacher, columns)]
+    if manifest["grid"] == "budget":
+        parts.append(best_budget(groups))
+    parts += [gap_section(groups, rows, teacher, columns, split), claims_section(manifest, groups, columns)]
+    if plot_grid(manifest, groups, teacher, columns, out / f"{manifest['grid']}.png"):
+        parts.append(f"![{manifest['grid']}]({manifest['grid']}.png)")
+    return "\n\n".join(p for p in parts if p)
+
+
+def write_report(out: str | Path) -> str:
+    """DIR/report.md (and DIR/<grid>.png) from an out dir; returns the markdown."""
+    out = Path(out)
+    manifests, rows, teacher = load_out(out)
+    setup = json.loads((out / "setup.json").read_text()) if (out / "setup.json").is_file() else {}
+    commits = sorted({r.get("commit", "?") for r in rows.values()})
+    hosts = sorted({r.get("host", "?") for r in rows.values()})
+    head = ("# Miniature reproduction: results\n\n"
+            f"Teacher `{setup.get('teacher', '?')}`, student pretrain `{setup.get('pretrain', '?')}`, world "
+            f"`{setup.get('world', '?')}`; commits {', '.join(commits) or '-'}; hosts {', '.join(hosts) or '-'}.")
+    text = "\n\n".join([head, *(grid_section(m, rows, teacher, out) for m in manifests)]) + "\n"
+    (out / "report.md").write_text(text)
+    return text

@@ -1,0 +1,282 @@
+"""The experiment runner (aligntI_patch/experiments): grids, the main job's hyperparameters, resumable cells
+(with a fake backend: no training), the report's statistics against hand-computed numbers, and one real
+1-seed, 2-cell smoke on the mini world (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from aligntI_patch.experiments.__main__ import main
+from aligntI_patch.experiments.cell import Outcome, distill_command, student_args, write_subset
+from aligntI_patch.experiments.context import Setup
+from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, cell_id, expand, table7_layers
+from aligntI_patch.experiments.report import write_report
+from aligntI_patch.experiments.runner import read_rows, run_grid
+from aligntI_patch.experiments.stats import gap_recovered, mean_interval, paired_difference, t_quantile_975
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ grids
+def test_grid_expansion_names_each_run_once():
+    grid = build_grid("loss_terms", teacher_layers=4)
+    cells = expand(grid, [0, 1], epochs=1)
+    assert len(cells) == 14 and [c.seed for c in cells[:2]] == [0, 1]
+    assert [c.id for c in cells[:4]] == ["sft-ep1-seed0", "sft-ep1-seed1", "kd-ep1-seed0", "kd-ep1-seed1"]
+    # a flag equal to the recipe's value or the default is not part of the id: Fig. 6's nucleus d=4 is Align-TI
+    tpa = {c.variant: c.id for c in expand(build_grid("tpa_sampling", 4), [0], epochs=3)}
+    assert tpa["nucleus d=4"] == "aligntI-ep3-seed0"
+    assert tpa["greedy d=2"] == "aligntI-tpa_num_samples=2-tpa_sampling=greedy-ep3-seed0"
+    assert cell_id("kd", {"divergence": "fkl"}, 1, 1.0, 0) == "kd-ep1-seed0"
+    assert cell_id("kd", {"w_kd": 1, "tpa_num_samples": "4"}, 1.0, 1.0, 0) == "kd-ep1-seed0"
+    assert cell_id("kd", {}, 1, 0.25, 2) == "kd-ep1-frac0.25-seed2"
+    assert cell_id("kd", {}, 1, 1.0, 0, ("--irs_num_pairs", "8")).startswith("kd-ep1-x")
+    # budget and data_fraction set their own axis; --only keeps recipes
+    budget = expand(build_grid("budget", 4), [0], epochs=1, only=("kd",))
+    assert [c.id for c in budget] == [f"kd-ep{e}-seed0" for e in (1, 2, 3, 4, 6, 8)]
+    fractions = expand(build_grid("data_fraction", 4), [5], epochs=2, only=("sft",))
+    assert [c.id for c in fractions] == ["sft-ep2-frac0.25-seed5", "sft-ep2-frac0.5-seed5", "sft-ep2-seed5"]
+    # Table 7's depths: 0, 7, 14, 21, 27 of the paper's 28 layers; the tiny teacher's 4 give 0..3, plus auto
+    assert table7_layers(28) == [0, 7, 14, 21, 27] and table7_layers(4) == [0, 1, 2, 3]
+    layer = expand(build_grid("iva_layer", 4), [0], epochs=1)
+    assert [c.id for c in layer] == [*(f"sft_iva-iva_layer={k}-ep1-seed0" for k in range(4)), "sft_iva-ep1-seed0"]
+    assert {c.recipe for c in expand(build_grid("iva_weights", 4), [0], 1)} == {"sft_iva", "student_iva",
+                                                                                "uniform_iva"}
+    with pytest.raises(ValueError, match="--only .*'rkl'.*not in grid loss_terms"):
+        expand(grid, [0], 1, only=("rkl",))
+    with pytest.raises(ValueError, match="unknown grid"):
+        build_grid("nope", 4)
+    for name in GRID_NAMES:  # every claim names rows of its grid
+        g = build_grid(name, 28)
+        assert {c.a for c in g.claims} | {c.b for c in g.claims} <= {v.name for v in g.variants}
+
+
+def _script_hyperparameters() -> dict[str, str]:
+    """The flags the main job passes to the distillation entry on the tiny preset (distill_aligntI.sh)."""
+    text = (ROOT / "scripts" / "v1_5" / "distill_aligntI.sh").read_text()
+    tiny = text[text.index('if [ -z "${MODEL:-}" ]'):text.index("else")]
+    defaults = {k: v for k, v in re.findall(r'(\w+)="\$\{\1:-([^}]*)\}"', tiny) if "$" not in v}
+    stage = re.search(r"STAGE_ARGS=\(([^)]*)\)", tiny).group(1)
+    launch = text[text.index("launch aligntI_patch.distill"):text.index('"${EXTRA[@]}"')].replace("\\\n", " ")
+    launch = re.sub(r'"\$\{(\w+):-([^}]*)\}"', lambda m: defaults.get(m.group(1), m.group(2)), launch)
+    words = shlex.split(launch.replace('"${STAGE_ARGS[@]}"', stage))[2:]
+    pairs = dict(zip(words[::2], words[1::2]))
+    return {k: v for k, v in pairs.items() if not v.startswith("$")}  # paths differ, values must not
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def test_cells_use_the_main_jobs_hyperparameters(tmp_path):
+    setup = Setup(teacher=tmp_path / "t", pretrain=tmp_path / "p", world=tmp_path / "w", vision_tower=None,
+                  version="qwen_2")
+    cell = expand(build_grid("tpa_sampling", 4), [3], epochs=1)[0]
+    args = student_args(setup, cell, tmp_path / "out", tmp_path / "w" / "finetune.json")
+    flags = dict(zip(args[::2], args[1::2]))
+    expected = _script_hyperparameters()
+    assert {"--per_device_train_batch_size", "--learning_rate", "--num_train_epochs", "--model_max_length",
+            "--warmup_ratio"} <= set(expected)
+    assert {k: flags.get(k) for k in expected if not _same(flags.get(k, ""), expected[k])} == {}
+    assert flags["--seed"] == "3" and flags["--recipe"] == "aligntI" and flags["--tpa_sampling"] == "greedy"
+    assert flags["--tpa_num_samples"] == "1" and "--use_cpu" not in args
+    cpu = distill_command(setup, args)
+    assert cpu[1:3] == ["-m", "aligntI_patch.distill"] and cpu[-1] == "--use_cpu"
+    gpu = distill_command(Setup(**{**setup.__dict__, "launcher": "deepspeed", "num_gpus": 2}), args, "29555")
+    assert Path(gpu[0]).name == "deepspeed" and gpu[1:9] == ["--num_gpus", "2", "--master_port", "29555", "--module",
+                                                             "aligntI_patch.distill", "--deepspeed",
+                                                             str(ROOT / "scripts" / "zero2.json")]
+    assert "--use_cpu" not in gpu
+
+
+def test_data_subsets_are_seeded_and_nested(tmp_path):
+    data = tmp_path / "finetune.json"
+    data.write_text(json.dumps([{"id": i} for i in range(40)]))
+    quarter = json.loads(write_subset(data, 0.25, 0, tmp_path / "a.json").read_text())
+    half = json.loads(write_subset(data, 0.5, 0, tmp_path / "b.json").read_text())
+    again = json.loads(write_subset(data, 0.25, 0, tmp_path / "c.json").read_text())
+    other = json.loads(write_subset(data, 0.25, 1, tmp_path / "d.json").read_text())
+    assert len(quarter) == 10 and len(half) == 20 and quarter == again and quarter != other
+    assert all(r in half for r in quarter) and quarter == sorted(quarter, key=lambda r: r["id"])
+
+
+# ------------------------------------------------------------------------------------------ runner
+TEACHER = {"attribute": 0.80, "counting": 0.50, "overall": 0.65}
+SCORES = {  # recipe -> per seed (attribute, counting, overall)
+    "sft": [(0.40, 0.48, 0.44), (0.50, 0.46, 0.48), (0.45, 0.47, 0.46)],
+    "kd": [(0.50, 0.48, 0.49), (0.52, 0.47, 0.50), (0.60, 0.49, 0.545)],
+    "aligntI": [(0.60, 0.50, 0.55), (0.70, 0.48, 0.59), (0.65, 0.49, 0.57)],
+}
+
+
+def _summary(acc: dict) -> dict:
+    return {k: {"n": 10, "accuracy": v} for k, v in acc.items()}
+
+
+class FakeBackend:
+    """Scores from SCORES (val = test - 1 point); records what it trained; `fail` cells write a file and raise."""
+
+    def __init__(self, fail: tuple[str, ...] = (), teacher: str = "fake-teacher"):
+        self.trained: list[str] = []
+        self.teacher_scored = 0
+        self.fail, self.teacher = fail, teacher
+
+    def identity(self) -> dict:
+        return {"teacher": self.teacher}
+
+    def describe(self, cell, cell_dir) -> str:
+        return f"train {cell.id}"
+
+    def evaluate_teacher(self) -> dict:
+        self.teacher_scored += 1
+        return {"test": _summary(TEACHER), "val": _summary(TEACHER)}
+
+    def train_and_evaluate(self, cell, cell_dir: Path) -> Outcome:
+        (cell_dir / "train.log").write_text("partial")
+        if cell.id in self.fail:
+            raise KeyboardInterrupt  # an interrupted run leaves the cell dir without result.json
+        self.trained.append(cell.id)
+        test = dict(zip(("attribute", "counting", "overall"), SCORES[cell.recipe][cell.seed]))
+        val = {k: v - 0.01 for k, v in test.items()}
+        return Outcome({"test": _summary(test), "val": _summary(val)}, {"train_s": 1.0})
+
+
+def _run(out: Path, backend: FakeBackend, grid: str = "loss_terms", seeds=(0, 1, 2), **kw) -> list[dict]:
+    g = build_grid(grid, 4)
+    return run_grid(g, expand(g, list(seeds), 1, only=("sft", "kd", "aligntI"), **kw), out, backend)
+
+
+def test_finished_cells_are_skipped_and_interrupted_ones_rerun_cleanly(tmp_path):
+    out = tmp_path / "out"
+    first = FakeBackend(fail=("kd-ep1-seed1",))
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, first)
+    assert first.trained == ["sft-ep1-seed0", "sft-ep1-seed1", "sft-ep1-seed2", "kd-ep1-seed0"]
+    partial = out / "cells" / "kd-ep1-seed1"
+    assert (partial / "train.log").is_file() and not (partial / "result.json").exists()
+    (partial / "stray").write_text("left by the interrupted run")
+    second = FakeBackend()
+    rows = _run(out, second)
+    assert second.trained == ["kd-ep1-seed1", "kd-ep1-seed2", *(f"aligntI-ep1-seed{s}" for s in range(3))]
+    assert not (partial / "stray").exists() and (partial / "result.json").is_file()
+    assert first.teacher_scored == 1 and second.teacher_scored == 0  # the teacher once per out dir
+    row = rows[0]
+    assert row["cell"] == "kd-ep1-seed1" and row["grid"] == "loss_terms" and row["recipe"] == "kd"
+    assert row["seed"] == 1 and row["epochs"] == 1 and row["test"]["attribute"] == pytest.approx(52.0)
+    assert row["val"]["overall"] == pytest.approx(49.0) and row["n"]["test"]["counting"] == 10
+    assert {"wall_s", "train_s", "commit", "host", "finished"} <= set(row)
+    assert len(read_rows(out)) == 9 == len((out / "results.jsonl").read_text().splitlines())
+    third = FakeBackend()  # everything done: nothing trains; a row cut by a crash is restored from result.json
+    text = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").write_text(text[:-40])
+    assert len(read_rows(out)) == 8
+    assert _run(out, third) == [] and third.trained == [] and len(read_rows(out)) == 9
+    # a grid sharing cells trains only what it lacks (budget's ep1 cells are loss_terms')
+    fourth = FakeBackend()
+    g = build_grid("budget", 4)
+    run_grid(g, [c for c in expand(g, [0], 1) if c.epochs == 1], out, fourth)
+    assert fourth.trained == []
+    with pytest.raises(ValueError, match="another setup"):
+        _run(out, FakeBackend(teacher="another-teacher"))
+
+
+def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["run", "--grid", "iva_weights", "--seeds", "2", "--out", str(out), "--teacher", str(tmp_path / "t"),
+          "--pretrain", str(tmp_path / "p"), "--world", str(tmp_path / "w"), "--dry-run"])
+    text = capsys.readouterr().out
+    assert "score the teacher" in text and text.count("aligntI_patch.distill") == 6
+    assert "--recipe student_iva" in text and "--seed 1" in text and not out.exists()
+    # an empty preset root: the dry run names the build; explicit paths that are missing are an error
+    main(["run", "--grid", "divergences", "--out", str(out), "--root", str(tmp_path / "tiny"), "--dry-run"])
+    text = capsys.readouterr().out
+    assert f"TINY_ROOT={tmp_path / 'tiny'} TINY_BACKBONE=qwen2" in text and "scripts/v1_5/pretrain.sh" in text
+    assert f"--vision_tower {tmp_path / 'tiny' / 'siglip'}" in text and not out.exists()
+    with pytest.raises(FileNotFoundError, match="missing teacher, pretrain, world: --teacher and --pretrain"):
+        main(["run", "--grid", "divergences", "--out", str(out), "--teacher", str(tmp_path / "t"),
+              "--pretrain", str(tmp_path / "p"), "--world", str(tmp_path / "w")])
+    with pytest.raises(SystemExit):
+        main(["run", "--grid", "divergences", "--out", str(out), "--seeds", "0", "--dry-run"])
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_statistics_against_hand_computed_numbers():
+    assert t_quantile_975(2) == 4.3027 and t_quantile_975(30) == 2.0423
+    for df, t in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):  # beyond the table: Cornish-Fisher
+        assert t_quantile_975(df) == pytest.approx(t, abs=1e-3)
+    e = mean_interval([30.0, 33.0, 36.0])  # sd 3, se sqrt(3): half = 4.3027 * 3 / sqrt(3)
+    assert e.mean == 33.0 and e.half == pytest.approx(7.4525, abs=1e-4) and e.format() == "33.0 ± 7.5"
+    one = mean_interval([42.0])
+    assert one.half is None and one.format() == "42.0 (n=1)" and one.sign() == "n=1"
+    d = paired_difference({0: 60.0, 1: 70.0, 2: 65.0, 3: 1.0}, {0: 50.0, 1: 52.0, 2: 60.0})  # seed 3 unpaired
+    # differences 10, 18, 5: mean 11, sd sqrt(43), half 4.3027 * sqrt(43 / 3)
+    assert d.n == 3 and d.mean == 11.0 and d.half == pytest.approx(16.290, abs=1e-3) and d.sign() == "?"
+    assert mean_interval([3.0, 4.0, 5.0]).sign() == "+" and paired_difference({0: 1.0}, {1: 1.0}) is None
+    assert gap_recovered(54.0, 45.0, 80.0) == pytest.approx(9 / 35)
+    assert gap_recovered(49.0, 47.0, 50.0) is None  # the teacher leads by 3 < 10 points: no signal
+    assert gap_recovered(50.0, 40.0, 50.0) == 1.0  # a lead of exactly 10 counts
+
+
+def test_report_tables_gap_and_claims(tmp_path):
+    out = tmp_path / "out"
+    _run(out, FakeBackend())
+    text = write_report(out)
+    assert (out / "report.md").read_text() == text and (out / "loss_terms.png").stat().st_size > 1000
+    assert "9 of 9 cells finished" in text and "Test split" in text
+    assert "| teacher | - | 80.0 | 50.0 | 65.0 |" in text
+    assert "| sft | 3 | 45.0 ± 12.4 | 47.0 ± 2.5 | 46.0 ± 5.0 |" in text  # attribute 40/50/45: sd 5
+    # gap: attribute (teacher leads SFT by 35) and overall (19); counting (lead 3) left out, with its lead
+    assert "| kd | 26 % | 27 % |" in text and "| aligntI | 57 % | 58 % |" in text
+    assert "counting (lead +3.0)" in text
+    # aligntI - kd on attribute: differences 10, 18, 5 -> 11.0 ± 16.3
+    line = next(x for x in text.splitlines() if x.startswith("| aligntI − kd |"))
+    assert "| 3 |" in line and "11.0 ± 16.3" in line
+    g = build_grid("budget", 4)  # the budget grid reads the val split
+    run_grid(g, expand(g, [0, 1], 1, only=("sft", "kd")), out, FakeBackend())
+    budget = write_report(out).split("## budget")[1]
+    assert "Val split" in budget and "Highest: 1 epochs" in budget and (out / "budget.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ smoke
+@pytest.fixture(scope="module")
+def mini_teacher(mini_root, tokenizer, mini_checkpoint):
+    """A 3-layer mini teacher sharing the mini student's vision tower (N_v 16)."""
+    from llava.model.builder import load_pretrained_model
+    from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+
+    _, student, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu")
+    teacher = mini_llava(tokenizer, num_layers=3, hidden=48, role="teacher", seed=2)
+    teacher.get_model().vision_tower.load_state_dict(student.get_model().vision_tower.state_dict())
+    return save_mini_checkpoint(teacher, tokenizer, mini_root / "exp_teacher")
+
+
+@pytest.mark.slow
+def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mini_checkpoint, mini_teacher,
+                                                        capsys):
+    """1 seed, 2 cells (sft and kd on half the data), real distillation and scoring, then the report."""
+    out = tmp_path / "out"
+    main(["run", "--grid", "loss_terms", "--seeds", "1", "--only", "sft", "--only", "kd", "--data-fraction", "0.5",
+          "--out", str(out), "--teacher", str(mini_teacher), "--pretrain", str(mini_checkpoint),
+          "--world", str(mini_world)])
+    rows = read_rows(out)
+    assert sorted(rows) == ["kd-ep1-frac0.5-seed0", "sft-ep1-frac0.5-seed0"]
+    for cell, row in rows.items():
+        assert set(row["test"]) >= {"attribute", "describe", "overall"} and "overall" in row["val"]
+        student = out / "cells" / cell / "student"
+        assert (student / "recipe.json").is_file() and (out / "cells" / cell / "train.log").is_file()
+        assert not list(student.glob("*.safetensors")) and not list(student.glob("checkpoint-*"))
+        assert len(json.loads((out / "cells" / cell / "finetune_subset.json").read_text())) > 0
+    assert json.loads((out / "cells" / "kd-ep1-frac0.5-seed0" / "student" / "recipe.json").read_text())[
+        "recipe"] == "kd"
+    capsys.readouterr()
+    main(["report", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "## loss_terms" in text and "2 of 2 cells finished" in text and (out / "loss_terms.png").is_file()
