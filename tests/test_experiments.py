@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,13 @@ from aligntI_patch.experiments.context import Setup
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, cell_id, expand, table7_layers
 from aligntI_patch.experiments.report import write_report
 from aligntI_patch.experiments.runner import read_rows, run_grid
-from aligntI_patch.experiments.stats import gap_recovered, mean_interval, paired_difference, t_quantile_975
+from aligntI_patch.experiments.stats import (
+    gap_recovered,
+    mean_interval,
+    paired_bootstrap,
+    paired_difference,
+    t_quantile_975,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,6 +230,16 @@ def test_statistics_against_hand_computed_numbers():
     assert gap_recovered(54.0, 45.0, 80.0) == pytest.approx(9 / 35)
     assert gap_recovered(49.0, 47.0, 50.0) is None  # the teacher leads by 3 < 10 points: no signal
     assert gap_recovered(50.0, 40.0, 50.0) == 1.0  # a lead of exactly 10 counts
+    # paired bootstrap over seeds x questions: a constant difference has a zero-width interval; unshared seeds
+    # and questions are dropped; a difference on half the questions of one seed stays inside [0, 100]
+    a = {0: {"q1": 1.0, "q2": 1.0, "q3": 0.5}, 1: {"q1": 1.0, "q2": 0.0, "q3": 1.0}, 2: {"q1": 1.0}}
+    b = {0: {"q1": 0.0, "q2": 0.0, "q3": -0.5, "q9": 1.0}, 1: {"q1": 0.0, "q2": -1.0, "q3": 0.0}}
+    boot = paired_bootstrap(a, b, n_boot=200)
+    assert (boot.mean, boot.low, boot.high, boot.n_seeds, boot.n_questions) == (100.0, 100.0, 100.0, 2, 3)
+    assert boot.sign() == "+" and boot.format() == "100.0 [100.0, 100.0]"
+    half = paired_bootstrap({0: {"q1": 1.0, "q2": 0.0}}, {0: {"q1": 0.0, "q2": 0.0}}, n_boot=500)
+    assert half.mean == 50.0 and half.low == 0.0 and half.high == 100.0 and half.sign() == "?"
+    assert paired_bootstrap({0: {"q1": 1.0}}, {1: {"q1": 1.0}}) is None
 
 
 def test_report_tables_gap_and_claims(tmp_path):
@@ -261,15 +278,21 @@ def mini_teacher(mini_root, tokenizer, mini_checkpoint):
 @pytest.mark.slow
 def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mini_checkpoint, mini_teacher,
                                                         capsys):
-    """1 seed, 2 cells (sft and kd on half the data), real distillation and scoring, then the report."""
-    out = tmp_path / "out"
+    """1 seed, 2 cells (sft and kd on half the data), real distillation and scoring on an added test split (its
+    per-question scores saved), then the report with its paired bootstrap."""
+    out, world = tmp_path / "out", tmp_path / "world"
+    shutil.copytree(mini_world, world)  # the session's world stays as it is
     main(["run", "--grid", "loss_terms", "--seeds", "1", "--only", "sft", "--only", "kd", "--data-fraction", "0.5",
           "--out", str(out), "--teacher", str(mini_teacher), "--pretrain", str(mini_checkpoint),
-          "--world", str(mini_world)])
+          "--world", str(world), "--test-split", "test_more=14"])
+    assert (world / "test_more_questions.jsonl").is_file()
     rows = read_rows(out)
     assert sorted(rows) == ["kd-ep1-frac0.5-seed0", "sft-ep1-frac0.5-seed0"]
     for cell, row in rows.items():
         assert set(row["test"]) >= {"attribute", "describe", "overall"} and "overall" in row["val"]
+        assert row["n"]["test"]["overall"] == 14
+        scores = json.loads((out / "cells" / cell / "scores_test.json").read_text())
+        assert len(scores) == 14 and 100 * sum(scores.values()) / 14 == pytest.approx(row["test"]["overall"])
         student = out / "cells" / cell / "student"
         assert (student / "recipe.json").is_file() and (out / "cells" / cell / "train.log").is_file()
         assert not list(student.glob("*.safetensors")) and not list(student.glob("checkpoint-*"))
@@ -280,3 +303,5 @@ def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mi
     main(["report", "--out", str(out)])
     text = capsys.readouterr().out
     assert "## loss_terms" in text and "2 of 2 cells finished" in text and (out / "loss_terms.png").is_file()
+    line = next(x for x in text.splitlines() if x.startswith("| kd − sft |"))
+    assert "| 1 x 14 |" in line  # the bootstrap over the one seed and the 14 questions

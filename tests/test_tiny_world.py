@@ -11,7 +11,7 @@ from PIL import Image
 from llava.tiny.questions import FAMILIES, PLURALS, SHORT_SUFFIX
 from llava.tiny.scenes import HELDOUT_COMBOS, POSITIONS, Scene
 from llava.tiny.score import description_facts, format_table, normalize, score_answer, summarize
-from llava.tiny.world import generate_world, load_scenes
+from llava.tiny.world import add_eval_split, generate_world, load_scenes
 
 SMALL = {"n_train": 40, "n_val": 21, "n_test": 42}
 CELLS = {phrase: cell for cell, phrase in POSITIONS.items()}
@@ -319,3 +319,33 @@ def test_summarize_and_table():
         "| student | 50.0 | 100.0 | 100.0 | 75.0 |",
         "| teacher | 100.0 | - | - | 100.0 |",
     ]
+
+
+def test_added_eval_split(tmp_path):
+    """A larger evaluation split drawn like test: balanced, answers follow from its scenes, new images, and the
+    world's own files untouched (checkpoints trained on it stay valid); idempotent; bad names refused."""
+    world = generate_world(tmp_path, seed=0, **SMALL)
+    before = {f: (tmp_path / f).read_bytes() for f in ("manifest.json", "test.json", "scenes.json")}
+    split = add_eval_split(tmp_path, "test_large", 50)
+    records = _load(tmp_path, "test_large.json")
+    assert len(records) == 50 and split["families"] == dict(Counter(r["family"] for r in records))
+    counts = Counter(r["family"] for r in records)
+    assert set(counts) == set(FAMILIES) and max(counts.values()) - min(counts.values()) <= 1
+    scenes = {k: Scene.from_dict(v) for k, v in _load(tmp_path, "test_large_scenes.json").items()}
+    for rec in records:
+        assert rec["image"].startswith("test_large_") and (tmp_path / "images" / rec["image"]).is_file()
+        question = rec["conversations"][0]["value"].removeprefix("<image>\n")
+        check_turn(question, rec["answer"], rec["family"], scenes[rec["image"]])
+    questions = [json.loads(line) for line in (tmp_path / "test_large_questions.jsonl").read_text().splitlines()]
+    assert [q["question_id"] for q in questions] == [r["id"] for r in records]
+    test_questions = {r["conversations"][0]["value"] + r["image"] for r in _load(tmp_path, "test.json")}
+    assert not test_questions & {r["conversations"][0]["value"] + r["image"] for r in records}
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    stamp = (tmp_path / "test_large_manifest.json").stat().st_mtime_ns
+    assert add_eval_split(tmp_path, "test_large", 50) == split
+    assert (tmp_path / "test_large_manifest.json").stat().st_mtime_ns == stamp
+    assert generate_world(tmp_path, seed=0, **SMALL) == world  # still complete; the split's images survive
+    assert all((tmp_path / f).is_file() for f in split["files"])
+    for bad in ("test", "Large", "../x"):
+        with pytest.raises(ValueError, match="split name"):
+            add_eval_split(tmp_path, bad, 5)

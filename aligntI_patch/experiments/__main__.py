@@ -19,6 +19,7 @@ from aligntI_patch.experiments.context import (
     REPO,
     build_command,
     ensure_cache,
+    ensure_test_split,
     missing_parts,
     resolve_setup,
 )
@@ -66,6 +67,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--extra-args", default="", help="more distill flags for every cell, split as a shell would "
                    "(they enter the cell ids)")
     p.add_argument("--eval-batch-size", type=int, default=32, help="batch of the val/test scoring (default 32)")
+    p.add_argument("--test-split", default="test", metavar="NAME[=N]",
+                   help="the world's split scored as test (default test, 86 questions per family); NAME=N adds it "
+                        "when missing, drawn like test (e.g. test_large=4200: 600 per family); fixed per out dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +90,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not 0 < args.data_fraction <= 1 or args.epochs <= 0:
         parser.error("--data-fraction must lie in (0, 1] and --epochs be > 0")
     explicit = (args.teacher, args.pretrain, args.world)
+    test_split, _, n_test = args.test_split.partition("=")
+    if n_test and not (n_test.isdigit() and int(n_test) > 0):
+        parser.error(f"--test-split {args.test_split!r}: expected NAME or NAME=N with N >= 1")
     setup = resolve_setup(args.root, args.backbone, *explicit, vision_tower=args.vision_tower,
-                          launcher=args.launcher, num_gpus=args.num_gpus, ds_config=args.ds_config)
+                          launcher=args.launcher, num_gpus=args.num_gpus, ds_config=args.ds_config,
+                          test_split=test_split)
     grid = build_grid(args.grid, setup.teacher_layers())
     cells = expand(grid, seeds, args.epochs, args.data_fraction, tuple(args.only), tuple(shlex.split(args.extra_args)))
     backend = TinyBackend(setup, keep_checkpoints=args.keep_checkpoints, eval_batch_size=args.eval_batch_size)
@@ -100,6 +108,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         dry_run(grid, cells, Path(args.out), backend, sys.stdout.write)
         return
     ensure_cache(setup, args.root, args.backbone, uses_preset)
+    ensure_test_split(setup, int(n_test) if n_test else None)
     run_grid(grid, cells, args.out, backend, keep_going=args.keep_going, write=sys.stdout.write)
     sys.stdout.write(f"done; the report: python -m aligntI_patch.experiments report --out {args.out}\n")
 

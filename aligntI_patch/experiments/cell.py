@@ -89,6 +89,16 @@ def write_subset(data_path: Path, fraction: float, seed: int, out: Path) -> Path
     return out
 
 
+def question_scores(question_file: Path, answers_file: Path) -> dict[str, float]:
+    """{question_id: score in [0, 1]} of an answers jsonl, scored as `evaluate_tiny` scores it."""
+    from llava.eval.eval_utils import read_jsonl
+    from llava.tiny.score import score_answer
+
+    replies = {a["question_id"]: a["text"] for a in read_jsonl(answers_file)}
+    return {q["question_id"]: float(score_answer(q["family"], replies[q["question_id"]], q))
+            for q in read_jsonl(question_file) if q["question_id"] in replies}
+
+
 def prune_weights(output_dir: Path) -> None:
     """Delete trainer checkpoints and weight files of a trained student; keep logs, configs and recipe.json."""
     for path in output_dir.glob("checkpoint-*"):
@@ -130,14 +140,23 @@ class TinyBackend:
             subset = f"# writes {data}: {cell.data_fraction:g} of finetune.json (seed {cell.seed})\n"
         return subset + shlex.join(distill_command(self.setup, student_args(self.setup, cell, out, data)))
 
-    def evaluate(self, checkpoint: Path) -> dict[str, dict]:
-        """{split: per-family summary} of `checkpoint` on the world's test and val questions."""
+    def evaluate(self, checkpoint: Path, answers_dir: Path | None = None) -> dict[str, dict]:
+        """{split: per-family summary} of `checkpoint` on the world's test and val questions ("test" reads
+        `setup.test_split`). With `answers_dir`: its answers_{split}.jsonl and each question's score in
+        scores_{split}.json ({question_id: score}, for the report's paired bootstrap)."""
         import torch
 
         from llava.eval.eval_tiny import evaluate_tiny
 
-        scores = {split: evaluate_tiny(str(checkpoint), self.setup.world, split=split, batch_size=self.eval_batch_size,
-                                       device=self.setup.device) for split in SPLITS}
+        scores = {}
+        for split in SPLITS:
+            source = self.setup.test_split if split == "test" else split
+            answers = None if answers_dir is None else answers_dir / f"answers_{split}.jsonl"
+            scores[split] = evaluate_tiny(str(checkpoint), self.setup.world, split=source, answers_file=answers,
+                                          batch_size=self.eval_batch_size, device=self.setup.device)
+            if answers is not None:
+                per_question = question_scores(self.setup.world / f"{source}_questions.jsonl", answers)
+                (answers_dir / f"scores_{split}.json").write_text(json.dumps(per_question))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -163,7 +182,7 @@ class TinyBackend:
         train_s = time.monotonic() - start
         if rc != 0:
             raise CellFailed(f"cell {cell.id}: distill exited with {rc}; the end of {log}:\n{_tail(log)}")
-        scores = self.evaluate(out)
+        scores = self.evaluate(out, cell_dir)
         eval_s = time.monotonic() - start - train_s
         if not self.keep_checkpoints:
             prune_weights(out)

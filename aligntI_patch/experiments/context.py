@@ -43,6 +43,7 @@ class Setup:
     launcher: str = "cpu"  # cpu: python --use_cpu; deepspeed: the deepspeed launcher on num_gpus GPUs
     num_gpus: int = 0
     ds_config: Path = REPO / "scripts" / "zero2.json"
+    test_split: str = "test"  # the world's split scored as "test" (e.g. test_large: llava.tiny.world --add-split)
 
     def __post_init__(self):
         if self.launcher not in LAUNCHERS:
@@ -57,7 +58,8 @@ class Setup:
     def identity(self) -> dict:
         """What must not change between runs into one out dir (the launcher may: rows record it)."""
         record = {k: str(v) if v is not None else None for k, v in asdict(self).items()}
-        return {k: record[k] for k in ("teacher", "pretrain", "world", "vision_tower", "version")}
+        keys = ("teacher", "pretrain", "world", "vision_tower", "version")
+        return {k: record[k] for k in keys} | ({"test_split": self.test_split} if self.test_split != "test" else {})
 
     def teacher_layers(self) -> int:
         """Decoder layers of the teacher (from its config.json; the preset's size before it is built)."""
@@ -69,7 +71,7 @@ class Setup:
 
 def resolve_setup(root: str | Path, backbone: str, teacher: str | None = None, pretrain: str | None = None,
                   world: str | None = None, vision_tower: str | None = None, launcher: str = "cpu",
-                  num_gpus: int | None = None, ds_config: str | None = None) -> Setup:
+                  num_gpus: int | None = None, ds_config: str | None = None, test_split: str = "test") -> Setup:
     """The preset's paths under `root` for `backbone`, each replaced by the one given explicitly."""
     paths = preset_paths(root, backbone)
     own_pretrain = pretrain is None
@@ -83,6 +85,7 @@ def resolve_setup(root: str | Path, backbone: str, teacher: str | None = None, p
         vision_tower=Path(tower).resolve() if tower else None,
         version=template_for(backbone), launcher=launcher, num_gpus=num_gpus,
         ds_config=Path(ds_config).resolve() if ds_config else REPO / "scripts" / "zero2.json",
+        test_split=test_split,
     )
 
 
@@ -121,3 +124,16 @@ def ensure_cache(setup: Setup, root: str | Path, backbone: str, uses_preset: boo
     still = missing_parts(setup)
     if still:
         raise RuntimeError(f"{' '.join(cmd)} ran but {', '.join(still)} is still missing under {root}")
+
+
+def ensure_test_split(setup: Setup, n_questions: int | None) -> None:
+    """The world's `setup.test_split` questions, added with `llava.tiny.world.add_eval_split` when missing and
+    `n_questions` is given (the world's own files are untouched)."""
+    if (setup.world / f"{setup.test_split}_questions.jsonl").is_file():
+        return
+    if n_questions is None:
+        raise FileNotFoundError(f"{setup.world} has no {setup.test_split}_questions.jsonl: give "
+                                f"--test-split {setup.test_split}=N to add N questions drawn like test")
+    from llava.tiny.world import add_eval_split
+
+    add_eval_split(setup.world, setup.test_split, n_questions, progress=True)

@@ -25,6 +25,7 @@ from aligntI_patch.experiments.stats import (
     Estimate,
     gap_recovered,
     mean_interval,
+    paired_bootstrap,
     paired_difference,
 )
 from llava.tiny.questions import FAMILIES
@@ -43,6 +44,7 @@ class Group:
     x: float | None = None
     label: str = ""
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # column -> seed -> accuracy %
+    cells: dict[int, str] = field(default_factory=dict)  # seed -> cell id of the finished cells
 
     def estimate(self, column: str) -> Estimate | None:
         seeds = self.values.get(column, {})
@@ -66,6 +68,8 @@ def build_groups(manifest: dict, rows: dict[str, dict]) -> list[Group]:
         key = (e["variant"], _setting(e))
         group = groups.setdefault(key, Group(e["variant"], e["recipe"], key[1], e.get("series"), e.get("x")))
         row = rows.get(e["cell"])
+        if row is not None:
+            group.cells[e["seed"]] = e["cell"]
         for column, value in (row or {}).get(manifest["split"], {}).items():
             group.values.setdefault(column, {})[e["seed"]] = value
     settings_of: dict[str, set] = {}
@@ -141,8 +145,19 @@ def gap_section(groups: list[Group], rows: dict[str, dict], teacher: dict, colum
     return "\n\n".join(parts)
 
 
-def claims_section(manifest: dict, groups: list[Group], columns: list[str]) -> str:
-    """Paired differences a - b (same seed) for each claim at each setting where both rows exist."""
+def question_scores(out: Path, group: Group, split: str) -> dict[int, dict[str, float]]:
+    """{seed: {question_id: score}} of a group's cells that saved per-question scores (cell.py)."""
+    scores = {}
+    for seed, cell in group.cells.items():
+        path = out / "cells" / cell / f"scores_{split}.json"
+        if path.is_file():
+            scores[seed] = json.loads(path.read_text())
+    return scores
+
+
+def claims_section(manifest: dict, groups: list[Group], columns: list[str], out: Path | None = None) -> str:
+    """Paired differences a - b (same seed) for each claim at each setting where both rows exist; with the cells'
+    per-question scores also a paired bootstrap of overall over seeds and questions."""
     by_key = {(g.variant, g.setting): g for g in groups}
     lines = []
     for claim in manifest["claims"]:
@@ -155,13 +170,20 @@ def claims_section(manifest: dict, groups: list[Group], columns: list[str]) -> s
             if overall is None:
                 continue
             where = f" ({_setting_label(setting)})" if len({g.setting for g in groups}) > 1 else ""
+            boot = None
+            if out is not None:
+                split = manifest["split"]
+                boot = paired_bootstrap(question_scores(out, a, split), question_scores(out, b, split))
+            boot_cells = [boot.format(), boot.sign(), f"{boot.n_seeds} x {boot.n_questions}"] if boot else ["-"] * 3
             lines.append([f"{claim['a']} − {claim['b']}{where}", claim["says"], str(overall.n), overall.sign(),
-                          *(d.format() if d else "-" for d in diffs)])
+                          *(d.format() if d else "-" for d in diffs), *boot_cells])
     if not lines:
         return "Paired differences: no claim has both of its rows finished yet."
-    header = ["difference", "the paper", "seeds", "sign", *columns]
-    return ("Paired differences (same seed), mean ± 95 % t interval; sign: + / - when the interval excludes 0, "
-            "? when it spans 0:\n\n" + _table(header, lines))
+    header = ["difference", "the paper", "seeds", "sign", *columns, "overall, bootstrap 95 %", "sign",
+              "seeds x questions"]
+    return ("Paired differences (same seed), mean ± 95 % t interval over seeds; sign: + / - when the interval "
+            "excludes 0, ? when it spans 0. The bootstrap column resamples seeds and questions together (paired): "
+            "with one seed it holds the test set's noise only, not the training run's.\n\n" + _table(header, lines))
 
 
 def best_budget(groups: list[Group]) -> str:
@@ -204,7 +226,7 @@ def grid_section(manifest: dict, rows: dict[str, dict], teacher_all: dict, out: 
     parts = [head, results_table(groups, teacher, columns)]
     if manifest["grid"] == "budget":
         parts.append(best_budget(groups))
-    parts += [gap_section(groups, rows, teacher, columns, split), claims_section(manifest, groups, columns)]
+    parts += [gap_section(groups, rows, teacher, columns, split), claims_section(manifest, groups, columns, out)]
     if plot_grid(manifest, groups, teacher, columns, out / f"{manifest['grid']}.png"):
         parts.append(f"![{manifest['grid']}]({manifest['grid']}.png)")
     return "\n\n".join(p for p in parts if p)

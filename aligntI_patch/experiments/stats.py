@@ -6,6 +6,9 @@ Design choices
 - One seed gives a mean and no interval (n=1), never an interval of zero width.
 - Paired differences use the seeds both rows have (same seed: same data order and initial projector), which
   removes the seed-to-seed spread the rows share.
+- The paired bootstrap resamples seeds and questions together (the same draws for both rows: each seed is one
+  training run, each question one test item), so its interval holds both the training noise and the test set's
+  finite size; with one seed it is the question noise alone, and says so.
 - Gap recovered = (student - SFT) / (teacher - SFT), only where the teacher leads the SFT student by at least
   `MIN_TEACHER_LEAD` points: below that the denominator is noise and the ratio carries no signal.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 # t_{0.975}(df) for df = 1..30 (two-sided 95 %)
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
@@ -83,3 +88,43 @@ def gap_recovered(student: float, sft: float, teacher: float, min_lead: float = 
     if lead < min_lead:
         return None
     return (student - sft) / lead
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Mean difference (accuracy points) and its 95 % percentile interval over `n_seeds` x `n_questions`."""
+
+    mean: float
+    low: float
+    high: float
+    n_seeds: int
+    n_questions: int
+
+    def sign(self) -> str:
+        return "+" if self.low > 0 else "-" if self.high < 0 else "?"
+
+    def format(self, digits: int = 1) -> str:
+        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def paired_bootstrap(a: Mapping[int, Mapping[str, float]], b: Mapping[int, Mapping[str, float]],
+                     n_boot: int = 2000, seed: int = 0) -> Bootstrap | None:
+    """a - b in points, a[seed][question] and b[seed][question] the per-question scores in [0, 1]: the seeds
+    both have and the questions every one of them scored; each draw resamples seeds and questions with
+    replacement, paired (None when nothing is shared)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    questions = sorted(set.intersection(*(set(a[s]) & set(b[s]) for s in seeds)))
+    if not questions:
+        return None
+    diff = 100 * np.array([[a[s][q] - b[s][q] for q in questions] for s in seeds])  # (S, Q)
+    rng = np.random.default_rng(seed)
+    n_s, n_q = diff.shape
+    draws = np.empty(n_boot)
+    for i in range(n_boot):
+        rows = rng.integers(0, n_s, n_s)
+        cols = rng.integers(0, n_q, n_q)
+        draws[i] = diff[np.ix_(rows, cols)].mean()
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Bootstrap(float(diff.mean()), float(low), float(high), n_s, n_q)

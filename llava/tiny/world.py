@@ -24,6 +24,9 @@ On-disk layout of ``out_dir``. Every "image" field is a file name relative to ``
   records also ``options``); ``val_questions.jsonl`` / ``test_questions.jsonl`` hold
   {"question_id", "image", "text", "family", "answer"} as LLaVA's ``model_vqa_loader`` reads them.
 - ``manifest.json``: parameters, file list, family counts and a content hash; written last, atomically.
+- Extra evaluation splits (`add_eval_split`, ``--add-split test_large=4200``): ``{name}.json``,
+  ``{name}_questions.jsonl``, ``{name}_scenes.json``, ``images/{name}_NNNNNN.png`` and their own
+  ``{name}_manifest.json``, beside an unchanged world.
 """
 
 from __future__ import annotations
@@ -245,6 +248,45 @@ def generate_world(
     return manifest
 
 
+def add_eval_split(world_dir: Path | str, name: str, n_questions: int, progress: bool = False) -> dict:
+    """Add an evaluation split `name` of `n_questions` single-turn questions (families balanced) to a generated
+    world, drawn like val/test from its own seeded stream and with the world's parameters: ``{name}.json``,
+    ``{name}_questions.jsonl``, ``{name}_scenes.json``, ``images/{name}_NNNNNN.png`` and ``{name}_manifest.json``
+    (written last). The world's own files, manifest and content hash are untouched, so checkpoints trained on it
+    stay valid. Idempotent: an existing complete split of the same size is returned as it is.
+    """
+    world_dir = Path(world_dir)
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("train", "val", "test", "pretrain", "finetune"):
+        raise ValueError(f"split name must be lowercase [a-z0-9_] and not a split of the world itself, got {name!r}")
+    manifest_path = world_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: generate the world first (python -m llava.tiny.world)")
+    world = json.loads(manifest_path.read_text(encoding="utf-8"))
+    params = WorldParams(**world["params"])
+    split_manifest = world_dir / f"{name}_manifest.json"
+    wanted = {"world_hash": world["content_hash"], "n_questions": n_questions}
+    if split_manifest.is_file():
+        done = json.loads(split_manifest.read_text(encoding="utf-8"))
+        if {k: done.get(k) for k in wanted} == wanted and all((world_dir / f).is_file() for f in done["files"]):
+            return done
+    split_manifest.unlink(missing_ok=True)
+    rng = random.Random(f"tiny-world/{params.seed}/{name}")
+    scenes: dict[str, dict] = {}
+    n_images = math.ceil(n_questions / params.eval_questions_per_image)
+    with tqdm(total=n_images, desc=f"tiny world {name} images", disable=not progress) as bar:
+        records = _eval_split(name, n_questions, rng, params, world_dir, scenes, bar)
+    texts = {f"{name}.json": json.dumps(records, indent=1, ensure_ascii=False),
+             f"{name}_questions.jsonl": _questions_jsonl(records),
+             f"{name}_scenes.json": json.dumps(scenes, indent=1)}
+    for file, text in texts.items():
+        _write_atomic(world_dir / file, text)
+    families = dict(Counter(r["family"] for r in records))
+    manifest = {**wanted, "families": families, "files": sorted(texts) + [f"images/{n}" for n in sorted(scenes)]}
+    _write_atomic(split_manifest, json.dumps(manifest, indent=1))
+    logger.info("split %s written to %s (%d questions, %d images)", name, world_dir, len(records), len(scenes))
+    return manifest
+
+
 def load_scenes(world_dir: Path | str) -> dict[str, Scene]:
     """{image file name: Scene} from a generated world."""
     raw = json.loads((Path(world_dir) / "scenes.json").read_text(encoding="utf-8"))
@@ -260,10 +302,23 @@ def main(argv: list[str] | None = None) -> None:
         if f.name != "version":
             flags = [f"--{f.name.replace('_', '-')}", *f.metadata.get("aliases", ())]
             parser.add_argument(*flags, type=type(f.default), default=f.default, help=f.metadata["help"])
+    parser.add_argument("--add-split", metavar="NAME=N", action="append", default=[],
+                        help="also add an evaluation split NAME of N questions drawn like test (add_eval_split), "
+                             "e.g. test_large=4200 (600 per family); the world itself is unchanged")
     args = vars(parser.parse_args(argv))
+    extra = []
+    for spec in args.pop("add_split"):
+        name, sep, n = spec.partition("=")
+        if not sep or not n.isdigit() or int(n) < 1:
+            parser.error(f"--add-split {spec!r}: expected NAME=N with N >= 1")
+        extra.append((name, int(n)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = generate_world(args.pop("out"), WorldParams(**args), progress=True)
+    out = args.pop("out")
+    manifest = generate_world(out, WorldParams(**args), progress=True)
     logger.info("content hash %s; test families %s", manifest["content_hash"], manifest["families"]["test"])
+    for name, n in extra:
+        split = add_eval_split(out, name, n, progress=True)
+        logger.info("split %s: families %s", name, split["families"])
 
 
 if __name__ == "__main__":
