@@ -1,8 +1,9 @@
 """LLaVA conversation data: lazy dataset, typed tokenization, bad-input skipping, collator.
 
 A bad sample (missing or corrupt image, a path escaping the image folder, a malformed record, no supervised
-token left after truncation, visual tokens that would be cut) never stops a run: it is skipped, replaced by
-a good sample, logged with its index and path, and counted. Design choices:
+token left after truncation, visual tokens that would be cut) never stops a run once it started: it is
+skipped, replaced by a good sample, logged with its index and path, and counted. Only the pre-flight before
+step 1 stops a run, when more than --max_bad_fraction of the samples fail its cheap checks. Design choices:
 
 - Replacement: index i is tried first, then indices drawn by `random.Random(i)`, then every index in file
   order after i. The same index therefore gives the same sample in every process and after a resume; a block
@@ -14,6 +15,9 @@ a good sample, logged with its index and path, and counted. Design choices:
   skipped. Records, turns and values of the wrong JSON type are skipped with the reason.
 - The `<image>` tag is moved to the front of the first human turn, as LLaVA's `preprocess_multimodal`
   does, so training has the layout of eval and the CLI (image first, then the instruction).
+- One definition of "bad": the pure checks below (`check_record`: JSON structure and image files by stat;
+  `read_image`; `truncate_sample`) are what `load` runs, what the pre-flight (`llava.data.check.preflight`,
+  the cheap part) runs on every record, and what the dataset doctor (`python -m llava.data.check`) reports.
 """
 
 from __future__ import annotations
@@ -29,15 +33,33 @@ import torch
 from PIL import Image
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, TokenType
-from llava.conversation import get_conv_template, tokenize_conversation
+from llava.conversation import Conversation, get_conv_template, tokenize_conversation
 from llava.mm_utils import process_images
 
 logger = logging.getLogger(__name__)
 REPLACEMENT_DRAWS = 16  # random draws before the file-order scan; 16 all-bad draws at 50 % bad: p = 1.5e-5
 
 
+BAD_KINDS = {  # kind -> what it means; the kinds of BadSample, the keys of the pre-flight and doctor counts
+    "malformed": "record, turns or values of the wrong JSON type, or roles out of order",
+    "multi_image": "more than one image (not supported)",
+    "missing_image": "image file not found (or no --image_folder / vision tower to read it)",
+    "escaping_image": "image path outside --image_folder ('../', absolute path)",
+    "unreadable_image": "image file that does not decode",
+    "visual_truncated": "visual tokens would be cut by --model_max_length",
+    "no_supervised_token": "no answer token left after truncation",
+}
+
+
 class BadSample(Exception):
-    """A sample that cannot be used; the message says why."""
+    """A sample that cannot be used; the message says why, `kind` (a key of BAD_KINDS) what kind of fault."""
+
+    def __init__(self, message: str, kind: str = "malformed"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keeps `kind` through pickling (dataloader workers)
+        return type(self), (str(self), self.kind)
 
 
 def load_records(path: str) -> list:
@@ -98,7 +120,7 @@ def image_path(record: dict) -> str | None:
     image = record.get("image")
     if isinstance(image, list):
         if len(image) > 1:
-            raise BadSample(f"multi-image samples are not supported ({len(image)} images)")
+            raise BadSample(f"multi-image samples are not supported ({len(image)} images)", "multi_image")
         image = image[0] if image else None
     if image is None:
         return None
@@ -107,12 +129,12 @@ def image_path(record: dict) -> str | None:
     return image
 
 
-def build_conversation(record: dict, template: str, has_image: bool):
-    """LLaVA record -> Conversation; with an image, `<image>` goes to the front of the first human turn."""
-    conv = get_conv_template(template)
+def turn_values(record: dict, has_image: bool) -> list[str]:
+    """The record's turn texts (human, gpt, ...), checked; with an image, `<image>` leads the first one."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns or len(turns) % 2:
         raise BadSample("'conversations' must be a list of human/gpt pairs")
+    values = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadSample(f"turn {i} is a {type(turn).__name__}, not a JSON object")
@@ -129,10 +151,85 @@ def build_conversation(record: dict, template: str, has_image: bool):
             value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
         else:  # a tag without an image (or in a later turn) would desynchronise images and tokens
             value = value.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        values.append(value)
+    return values
+
+
+def conversation_from(values: list[str], template: str, has_image: bool) -> Conversation:
+    """Checked turn texts (`turn_values`) -> Conversation of `template`."""
+    conv = get_conv_template(template)
+    for i, value in enumerate(values):
         if template == "plain" and i == 0 and has_image:
             value = DEFAULT_IMAGE_TOKEN  # LLaVA's pretraining: the image alone, then the caption
         conv.append_message(conv.roles[i % 2], value)
     return conv
+
+
+def build_conversation(record: dict, template: str, has_image: bool) -> Conversation:
+    """LLaVA record -> Conversation; with an image, `<image>` goes to the front of the first human turn."""
+    return conversation_from(turn_values(record, has_image), template, has_image)
+
+
+def resolve_image(image_folder: str | None, rel_path: str) -> str:
+    """The file that `rel_path` names under the absolute `image_folder`, checked by stat (no decode).
+
+    Escapes are judged on the lexical path: `../` or an absolute path in the JSON escapes, a symlink inside
+    the folder (playground/data/coco -> another disk, HF snapshots -> blobs/) does not."""
+    if image_folder is None:
+        raise BadSample("sample has an image but no --image_folder is given", "missing_image")
+    path = os.path.normpath(os.path.join(image_folder, rel_path))
+    if path != image_folder and not path.startswith(os.path.join(image_folder, "")):  # both normalised
+        raise BadSample(f"image path escapes the image folder: {rel_path!r}", "escaping_image")
+    if not os.path.isfile(path):
+        raise BadSample(f"image file not found: {path}", "missing_image")
+    return path
+
+
+def read_image(path: str) -> Image.Image:
+    """The decoded RGB image at `path`; BadSample if the file does not decode."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise BadSample(f"unreadable image {path}: {err}", "unreadable_image") from err
+
+
+def check_record(record, image_folder: str | None) -> tuple[str | None, list[str]]:
+    """The cheap checks of one record, as `load` and the pre-flight run them: JSON structure, roles, and the
+    image file by stat. -> (image file, None for text-only; checked turn texts); raises BadSample."""
+    if not isinstance(record, dict):
+        raise BadSample(f"record is a {type(record).__name__}, not a JSON object")
+    rel_path = image_path(record)
+    image_file = resolve_image(image_folder, rel_path) if rel_path is not None else None
+    return image_file, turn_values(record, image_file is not None)
+
+
+def truncate_sample(
+    input_ids: torch.Tensor, labels: torch.Tensor, token_types: torch.Tensor, model_max_length: int,
+    num_image_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut [T] tensors to `model_max_length` counted after image expansion (N_v = `num_image_tokens`
+    positions per image); BadSample if visual tokens would be cut or no supervised token is left."""
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    expanded = torch.where(is_image, max(num_image_tokens, 1), 1).cumsum(0)  # end position of each token
+    if int(expanded[-1]) > model_max_length:
+        keep = int((expanded <= model_max_length).sum())
+        if bool(is_image[keep:].any()):
+            raise BadSample(f"visual tokens would be cut by model_max_length={model_max_length}",
+                            "visual_truncated")
+        input_ids, labels, token_types = input_ids[:keep], labels[:keep], token_types[:keep]
+    if not bool((labels != IGNORE_INDEX).any()):
+        raise BadSample(f"no supervised token left (model_max_length={model_max_length})",
+                        "no_supervised_token")
+    return input_ids, labels, token_types
+
+
+def skip_entry(index: int, record, err: BadSample) -> dict:
+    """A bad sample's record, as logged, listed in skipped_samples.json and reported by the pre-flight."""
+    record = record if isinstance(record, dict) else {}
+    return {"index": index, "id": record.get("id"), "image": record.get("image"), "kind": err.kind,
+            "reason": str(err)}
 
 
 class LazySupervisedDataset(torch.utils.data.Dataset):
@@ -157,7 +254,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         # not realpath: symlinks inside the folder (playground/data/coco -> another disk, HF snapshots ->
-        # blobs/) are the usual layout; escapes are judged on the lexical path (`load_image`)
+        # blobs/) are the usual layout; escapes are judged on the lexical path (`resolve_image`)
         self.image_folder = os.path.abspath(image_folder) if image_folder else None
         self.template = template
         self.model_max_length = model_max_length
@@ -213,58 +310,32 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             yield (index + step) % n
 
     def _record_skip(self, i: int, err: BadSample) -> dict:
-        record = self.records[i] if isinstance(self.records[i], dict) else {}
-        skip = {"index": i, "id": record.get("id"), "image": record.get("image"), "reason": str(err)}
+        skip = skip_entry(i, self.records[i], err)
         self._bad[i] = skip
         if len(self._bad) <= self.skip_log_limit:
             logger.warning("Skipping sample %d (id=%s, image=%s): %s", i, skip["id"], skip["image"], err)
         elif len(self._bad) == self.skip_log_limit + 1:
             logger.warning("More than %d bad samples in %s: no longer logged one by one, all are listed in "
-                           "skipped_samples.json", self.skip_log_limit, self.data_path)
+                           "skipped_samples.json (their count: skipped_samples in the training logs)",
+                           self.skip_log_limit, self.data_path)
         return skip
 
     def load(self, i: int) -> dict:
         """Sample i as tensors; raises BadSample if it cannot be used."""
-        record = self.records[i]
-        if not isinstance(record, dict):
-            raise BadSample(f"record is a {type(record).__name__}, not a JSON object")
-        path = image_path(record)
-        image = self.load_image(path) if path is not None else None
-        conv = build_conversation(record, self.template, image is not None)
+        image_file, values = check_record(self.records[i], self.image_folder)
+        image = self.process_image(image_file) if image_file is not None else None
+        conv = conversation_from(values, self.template, image is not None)
         input_ids, labels, token_types = tokenize_conversation(conv, self.tokenizer)
-        input_ids, labels, token_types = self.truncate(input_ids, labels, token_types)
+        input_ids, labels, token_types = truncate_sample(input_ids, labels, token_types,
+                                                         self.model_max_length, self.num_image_tokens)
         return {"input_ids": input_ids, "labels": labels, "token_types": token_types, "image": image}
 
-    def load_image(self, rel_path: str) -> torch.Tensor:
-        """The processed image at `rel_path` under the image folder: [3, H, W]."""
-        if self.image_folder is None or self.image_processor is None:
-            raise BadSample("sample has an image but no --image_folder / vision tower is configured")
-        # lexical: "../" or an absolute path in the JSON escapes, a symlink inside the folder does not
-        path = os.path.normpath(os.path.join(self.image_folder, rel_path))
-        if os.path.commonpath([path, self.image_folder]) != self.image_folder:
-            raise BadSample(f"image path escapes the image folder: {rel_path!r}")
-        if not os.path.isfile(path):
-            raise BadSample(f"image file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                pil = img.convert("RGB")
-        except Exception as err:  # PIL raises many types for corrupt files
-            raise BadSample(f"unreadable image {path}: {err}") from err
-        return process_images([pil], self.image_processor, self.image_aspect_ratio)[0]
-
-    def truncate(self, input_ids, labels, token_types):
-        """Cut to `model_max_length` counted after image expansion; reject if visual tokens would be cut."""
-        is_image = input_ids == IMAGE_TOKEN_INDEX
-        expanded = torch.where(is_image, max(self.num_image_tokens, 1), 1).cumsum(0)  # end position of each
-        if int(expanded[-1]) > self.model_max_length:
-            keep = int((expanded <= self.model_max_length).sum())
-            if bool(is_image[keep:].any()):
-                raise BadSample(f"visual tokens would be cut by model_max_length={self.model_max_length}")
-            input_ids, labels, token_types = input_ids[:keep], labels[:keep], token_types[:keep]
-        if not bool((labels != IGNORE_INDEX).any()):
-            raise BadSample(f"no supervised token left (model_max_length={self.model_max_length})")
-        return input_ids, labels, token_types
+    def process_image(self, path: str) -> torch.Tensor:
+        """The processed image file at `path`: [3, H, W]."""
+        if self.image_processor is None:
+            raise BadSample("sample has an image but no vision tower (image processor) is configured",
+                            "missing_image")
+        return process_images([read_image(path)], self.image_processor, self.image_aspect_ratio)[0]
 
 
 @dataclass
@@ -300,7 +371,9 @@ class DataCollatorForSupervisedDataset:
 
 def make_supervised_data_module(tokenizer, data_args, training_args, image_processor=None, num_image_tokens=0,
                                 template="qwen_2") -> dict:
-    """LLaVA's helper: {'train_dataset', 'eval_dataset', 'data_collator'}."""
+    """LLaVA's helper: {'train_dataset', 'eval_dataset', 'data_collator'}, after the data pre-flight (raises
+    `llava.data.check.PreflightError` when more than `data_args.max_bad_fraction` of the samples are bad)."""
+    from llava.data.check import preflight  # the dataset doctor builds on this module's checks
     dataset = LazySupervisedDataset(
         data_args.data_path,
         tokenizer,
@@ -312,6 +385,7 @@ def make_supervised_data_module(tokenizer, data_args, training_args, image_proce
         image_aspect_ratio=data_args.image_aspect_ratio,
         skip_log_limit=training_args.skip_log_limit,
     )
+    preflight(dataset, data_args.max_bad_fraction)
     return {
         "train_dataset": dataset,
         "eval_dataset": None,
