@@ -1,7 +1,7 @@
 """Generation and prompting shared by evaluation, the CLI and demo, and the analysis tools: the template a
 checkpoint was trained with, its stop tokens and sampling options, a left-padded question loader, and
-`generate_answers`, the one batched generation loop (`model_vqa_loader`, ScienceQA, MMBench, the tiny-world
-evaluation and the lmms-eval plugin all call it).
+`iter_answers` / `generate_answers`, the one batched generation loop (`model_vqa_loader`, ScienceQA, MMBench,
+the tiny-world evaluation and the lmms-eval plugin all call it).
 
 Design choices
 - Prompts are built with the conversation template and tokenized with `tokenize_conversation` plus a
@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -148,7 +148,7 @@ def generation_kwargs(
     return kwargs
 
 
-def generate_answers(
+def iter_answers(
     model,
     tokenizer,
     image_processor,
@@ -164,12 +164,12 @@ def generate_answers(
     image_aspect_ratio: str | None = None,
     num_workers: int = 0,
     progress: bool = True,
-) -> list[str]:
-    """Answer every question ({"text", optional "image": file name under `image_folder`, PIL image or bytes}).
+) -> Iterator[list[str]]:
+    """Answer `questions` batch by batch: yields the replies of each batch of `batch_size` questions, in order.
 
-    Returns the decoded replies (special tokens skipped, stripped) in the order of `questions`.
-    `conv_mode` and `image_aspect_ratio` default to the checkpoint's `conv_template` / `image_aspect_ratio`.
-    The model is put in eval mode for the call and given back in the mode it came in.
+    Arguments and replies as `generate_answers` (which collects this generator); the answer-writing CLIs use it
+    to write every batch as soon as it is generated. The model is in eval mode while the generator runs and is
+    given back in the mode it came in when the generator ends, is closed, or is dropped.
     """
     conv_mode = conv_mode or default_conv_mode(model)
     aspect = image_aspect_ratio or getattr(model.config, "image_aspect_ratio", None) or "pad"
@@ -185,19 +185,32 @@ def generate_answers(
     device, dtype = model.device, model.dtype
     was_training = model.training
     model.eval()
-    answers: list[str] = []
     try:
-        with torch.inference_mode(), tqdm(total=len(dataset), desc="answering", disable=not progress) as bar:
+        with tqdm(total=len(dataset), desc="answering", disable=not progress) as bar:
             for input_ids, attention_mask, images in loader:
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # (B, T)
                 if images is not None:
                     images = images.to(device=device, dtype=dtype)  # (n_img, 3, H, W)
-                output = model.generate(input_ids, images=images, attention_mask=attention_mask, **gen_kwargs)
-                answers += tokenizer.batch_decode(output, skip_special_tokens=True)  # new tokens only
+                with torch.inference_mode():  # not across the yield: the caller's code runs outside it
+                    output = model.generate(input_ids, images=images, attention_mask=attention_mask, **gen_kwargs)
+                replies = tokenizer.batch_decode(output, skip_special_tokens=True)  # new tokens only
                 bar.update(len(input_ids))
+                yield [a.strip() for a in replies]
     finally:
         model.train(was_training)
-    return [a.strip() for a in answers]
+
+
+def generate_answers(model, tokenizer, image_processor, questions: Sequence[dict], *args, **kwargs) -> list[str]:
+    """Answer every question ({"text", optional "image": file name under `image_folder`, PIL image or bytes}).
+
+    Returns the decoded replies (special tokens skipped, stripped) in the order of `questions`. Arguments after
+    `questions` are `iter_answers`' (image_folder, conv_mode, temperature, top_p, num_beams, max_new_tokens,
+    batch_size; keywords image_aspect_ratio, num_workers, progress). `conv_mode` and `image_aspect_ratio`
+    default to the checkpoint's `conv_template` / `image_aspect_ratio`. The model is put in eval mode for the
+    call and given back in the mode it came in.
+    """
+    batches = iter_answers(model, tokenizer, image_processor, questions, *args, **kwargs)
+    return [reply for replies in batches for reply in replies]
 
 
 def read_questions(path: str | os.PathLike) -> list[dict]:

@@ -8,7 +8,12 @@ Design choices
   padding, images by file name, PIL image or bytes).
 - Formats, flags and chunking (`--num-chunks/--chunk-idx`: contiguous chunks of ceil(n / k)) are LLaVA's;
   the conversation template and image aspect ratio default to the checkpoint's config.
-- The answers file is written to a temporary file and renamed, so an interrupted run leaves no partial file.
+- Answers are streamed: each batch's lines are appended to the answers file and flushed to disk as soon as they
+  are generated (`write_answers`, shared by every model_vqa_* script), so a crash loses one batch at most.
+  Rerun with the same `--answers-file` and the questions already answered there are skipped (the log says how
+  many); a partial last line left by a crash is cut off and that question answered again. A file written for
+  other questions, prompts or another model (`model_id`) is refused rather than mixed in: delete it for a fresh
+  run. The model is not loaded when nothing is left to answer.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +33,15 @@ import torch
 
 from llava.generation import (
     default_conv_mode,
-    generate_answers,
+    iter_answers,
     model_name_from_path,
     read_questions,
 )
 
 logger = logging.getLogger(__name__)
 
+# iter_answers' signature: (model, tokenizer, image_processor, questions, **generate_options) -> replies per batch
+AnswerBatches = Callable[..., Iterable[list[str]]]
 
 
 def split_list(lst: Sequence, n: int) -> list[Sequence]:
@@ -93,7 +101,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--image-folder", default="", help="folder the questions' image names are relative to"
     )
     parser.add_argument("--question-file", required=True)
-    parser.add_argument("--answers-file", required=True)
+    parser.add_argument(
+        "--answers-file", required=True,
+        help="answers jsonl, appended batch by batch; rerun with the same file to skip questions answered there",
+    )
     parser.add_argument("--conv-mode", default=None, help="conversation template (default: the checkpoint's)")
     parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks")
     parser.add_argument("--chunk-idx", type=int, default=0, help="the chunk this process answers")
@@ -123,20 +134,122 @@ def generate_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def eval_model(args: argparse.Namespace) -> None:
+def prompt_key(row: dict) -> Hashable:
+    """What identifies an answer line and the question it answers: question_id and prompt (MME asks two
+    questions per image under one question_id)."""
+    return row["question_id"], row["prompt"]
+
+
+def read_answered(path: Path) -> list[dict]:
+    """The complete answer lines of `path` ([] when it does not exist).
+
+    A last line without its newline is what a crash in the middle of a write leaves: it is cut off the file (so
+    appending starts on a fresh line) with a warning, and its question is answered again. Any other line that is
+    not JSON is an error naming it: that file was not written by an interrupted run of these scripts.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # bytes up to and including the last newline
+    if complete < len(data):
+        logger.warning(
+            "%s: dropping a partial last line (%d bytes, left by an interrupted run); its question is answered again",
+            path, len(data) - complete,
+        )
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+    rows = []
+    for number, line in enumerate(data[:complete].decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not a JSON answer line ({err}); delete the file to start "
+                             "over or pass another --answers-file") from err
+    return rows
+
+
+def unanswered(path: Path, answered: Sequence[dict], questions: Sequence[dict],
+               record: Callable[[dict, str], dict], key: Callable[[dict], Hashable]) -> list[dict]:
+    """The `questions` that have no line in `answered`, in order (each line answers one question: a question
+    asked twice needs two lines). Refuses a file that does not belong to this run: lines that answer none of
+    its questions (another question file, chunk or prompt flags) or another model's answers."""
+    left = Counter(key(row) for row in answered)
+    todo = []
+    for question in questions:
+        k = key(record(question, ""))
+        if left[k]:
+            left[k] -= 1
+        else:
+            todo.append(question)
+    stray = [k for k, n in left.items() if n]
+    if stray:
+        raise ValueError(f"{path} holds {sum(left.values())} answers to questions this run does not ask, e.g. "
+                         f"{stray[0]!r}: it was written by another run (question file, --num-chunks/--chunk-idx or "
+                         "prompt flags). Delete it to answer again, or pass another --answers-file")
+    model_id = record(questions[0], "")["model_id"] if questions else None
+    others = sorted({str(row.get("model_id")) for row in answered} - {model_id})
+    if others:
+        raise ValueError(f"{path} holds answers of model_id {others[0]!r}, not of this run's {model_id!r}. Delete "
+                         "it to answer again, or pass another --answers-file")
+    return todo
+
+
+def write_answers(
+    args: argparse.Namespace,
+    questions: Sequence[dict],
+    record: Callable[[dict, str], dict],
+    *,
+    key: Callable[[dict], Hashable] = prompt_key,
+    answer_batches: AnswerBatches = iter_answers,
+) -> int:
+    """Answer the `questions` not yet in `args.answers_file`, appending each batch's lines as they come.
+
+    `record(question, reply)` is the question's answers-file line; `key(line)` identifies the question a line
+    answers (question_id and prompt; MMBench adds round_id). `answer_batches` generates replies batch by batch (`iter_answers`;
+    tests pass one that stops early). Returns the number of answers written by this call.
+    """
+    path = Path(os.path.expanduser(args.answers_file))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    answered = read_answered(path)
+    todo = unanswered(path, answered, questions, record, key)
+    if answered:
+        logger.info("%s: skipping %d of %d questions already answered there; %d to answer", path, len(answered),
+                    len(questions), len(todo))
+    path.touch()  # an empty chunk still leaves its (empty) file, as LLaVA's scripts expect
+    if not todo:
+        return 0
     tokenizer, model, image_processor = load_model(args)
+    replies = answer_batches(model, tokenizer, image_processor, todo, **generate_options(args))
+    written = 0
+    with open(path, "a", encoding="utf-8") as f:
+        for batch in replies:
+            rows = [record(q, reply) for q, reply in zip(todo[written : written + len(batch)], batch)]
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+            written += len(rows)
+    if written != len(todo):
+        raise RuntimeError(f"generation returned {written} answers for {len(todo)} questions")
+    logger.info("wrote %d answers to %s (%d in all)", written, path, len(answered) + written)
+    return written
+
+
+def eval_model(args: argparse.Namespace, answer_batches: AnswerBatches = iter_answers) -> None:
     questions = get_chunk(read_questions(args.question_file), args.num_chunks, args.chunk_idx)
-    answers = generate_answers(model, tokenizer, image_processor, questions, **generate_options(args))
     model_id = model_name_from_path(args.model_path)
-    rows = [answer_record(q["question_id"], q["text"], a, model_id) for q, a in zip(questions, answers)]
-    write_jsonl_atomic(args.answers_file, rows)
-    logger.info("wrote %d answers to %s", len(rows), args.answers_file)
+
+    def record(question: dict, reply: str) -> dict:
+        return answer_record(question["question_id"], question["text"], reply, model_id)
+
+    write_answers(args, questions, record, answer_batches=answer_batches)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, answer_batches: AnswerBatches = iter_answers) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    eval_model(parser.parse_args(argv))
+    eval_model(parser.parse_args(argv), answer_batches)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ The prompt is `hint\\nquestion\\nA. ...\\nB. ...` (hint only when present; optio
 one), plus the single-prediction instruction with `--single-pred-prompt`. `--all-rounds` asks every
 circular rotation of the options (round r shows the options rotated left r times; `option_char` lists the
 original letters in the order shown), as LLaVA does for MMBench's CircularEval (`eval_mmbench` scores it).
-Images stay encoded until the loader decodes them. Generation is `llava.generation.generate_answers`.
+Images stay encoded until the loader decodes them. Generation is `llava.generation.iter_answers`; answers are
+appended batch by batch and a rerun skips the (question_id, round_id) pairs already answered
+(`model_vqa_loader.write_answers`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Hashable
 
 from llava.eval.model_vqa_loader import (
+    AnswerBatches,
     add_common_args,
     answer_record,
-    generate_options,
     get_chunk,
-    load_model,
-    write_jsonl_atomic,
+    write_answers,
 )
-from llava.generation import generate_answers, model_name_from_path
+from llava.generation import iter_answers, model_name_from_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +85,25 @@ def mmbench_questions(
     return questions
 
 
-def eval_model(args: argparse.Namespace) -> None:
-    tokenizer, model, image_processor = load_model(args)
+def round_key(row: dict) -> Hashable:
+    """The question an answer line answers: with `--all-rounds` one question_id comes once per round."""
+    return row["question_id"], row["round_id"], row["prompt"]
+
+
+def eval_model(args: argparse.Namespace, answer_batches: AnswerBatches = iter_answers) -> None:
     rows = get_chunk(read_tsv(args.question_file), args.num_chunks, args.chunk_idx)
     questions = mmbench_questions(rows, args.all_rounds, args.single_pred_prompt, args.lang)
-    answers = generate_answers(model, tokenizer, image_processor, questions, **generate_options(args))
     model_id = model_name_from_path(args.model_path)
     fields = ("round_id", "options", "option_char")  # LLaVA's extra MMBench fields
-    out = [
-        answer_record(q["question_id"], q["prompt"], a, model_id, **{k: q[k] for k in fields})
-        for q, a in zip(questions, answers)
-    ]
-    write_jsonl_atomic(args.answers_file, out)
-    logger.info("wrote %d answers to %s", len(out), args.answers_file)
+
+    def record(question: dict, reply: str) -> dict:
+        extra = {k: question[k] for k in fields}
+        return answer_record(question["question_id"], question["prompt"], reply, model_id, **extra)
+
+    write_answers(args, questions, record, key=round_key, answer_batches=answer_batches)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, answer_batches: AnswerBatches = iter_answers) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument(
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         "--single-pred-prompt", action="store_true", help="append the answer-with-a-letter line"
     )
     parser.add_argument("--lang", default="en", choices=sorted(SINGLE_PRED_PROMPT))
-    eval_model(parser.parse_args(argv))
+    eval_model(parser.parse_args(argv), answer_batches)
 
 
 if __name__ == "__main__":

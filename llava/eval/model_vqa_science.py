@@ -5,7 +5,8 @@
 
 The user message is the first human turn with `<image>` removed (put back in front when the record has an
 image), plus LLaVA's single-prediction instruction with `--single-pred-prompt`. Generation is
-`llava.generation.generate_answers`; the answers file is LLaVA's (`prompt` carries the `<image>` tag).
+`llava.generation.iter_answers`; the answers file is LLaVA's (`prompt` carries the `<image>` tag), appended batch
+by batch, and a rerun skips the questions already answered (`model_vqa_loader.write_answers`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import os
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.eval.model_vqa_loader import (
+    AnswerBatches,
     add_common_args,
     answer_record,
-    generate_options,
     get_chunk,
-    load_model,
-    write_jsonl_atomic,
+    write_answers,
 )
-from llava.generation import generate_answers, model_name_from_path
+from llava.generation import iter_answers, model_name_from_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +47,23 @@ def science_questions(records: list[dict], single_pred_prompt: bool) -> list[dic
     return questions
 
 
-def eval_model(args: argparse.Namespace) -> None:
-    tokenizer, model, image_processor = load_model(args)
+def eval_model(args: argparse.Namespace, answer_batches: AnswerBatches = iter_answers) -> None:
     with open(os.path.expanduser(args.question_file), encoding="utf-8") as f:
         records = get_chunk(json.load(f), args.num_chunks, args.chunk_idx)
     questions = science_questions(records, args.single_pred_prompt)
-    answers = generate_answers(model, tokenizer, image_processor, questions, **generate_options(args))
     model_id = model_name_from_path(args.model_path)
-    rows = [answer_record(q["question_id"], q["prompt"], a, model_id) for q, a in zip(questions, answers)]
-    write_jsonl_atomic(args.answers_file, rows)
-    logger.info("wrote %d answers to %s", len(rows), args.answers_file)
+
+    def record(question: dict, reply: str) -> dict:
+        return answer_record(question["question_id"], question["prompt"], reply, model_id)
+
+    write_answers(args, questions, record, answer_batches=answer_batches)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, answer_batches: AnswerBatches = iter_answers) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--single-pred-prompt", action="store_true", help=f"append {SINGLE_PRED_PROMPT!r}")
-    eval_model(parser.parse_args(argv))
+    eval_model(parser.parse_args(argv), answer_batches)
 
 
 if __name__ == "__main__":
