@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +67,34 @@ def test_stage0_bench_runs_and_names_bad_turns(mini_root, tokenizer):
     assert len(steps) == 2 and all("existence" in line and "describe" in line for line in steps), out.stdout
     out = subprocess.run([*base, "--turns", "colour=2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "--turns item 'colour=2'" in out.stderr
+
+
+STEP = BENCH.with_name("bench_step.py")
+
+
+def test_step_bench_smoke_writes_ratios_to_kd(tmp_path):
+    """bench_step.py at tiny shapes: every recipe measured, kd's ratios are 1 (timings themselves not asserted)."""
+    out = tmp_path / "step.json"
+    run = subprocess.run([sys.executable, str(STEP), "--smoke", "--json", str(out)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    recipes = report["recipes"]
+    assert list(recipes) == ["sft", "kd", "kd_iva", "kd_tpa", "aligntI", "gkd"]
+    for name, r in recipes.items():
+        for key in ("ms", "time_ratio", "peak_mb", "memory_ratio", "flop_ratio", "total_mb", "student_tokens"):
+            assert isinstance(r[key], float | int) and r[key] >= 0, (name, key, r[key])
+        assert f"| {name} |" in run.stdout
+    assert recipes["kd"]["time_ratio"] == recipes["kd"]["memory_ratio"] == recipes["kd"]["flop_ratio"] == 1.0
+    # the passes each recipe runs: no teacher for SFT; TPA's candidate rows add a pass to both models; GKD
+    # generates its replies with the student first
+    assert recipes["sft"]["teacher_calls"] == 0 and recipes["kd"]["teacher_calls"] == 1
+    assert recipes["aligntI"]["student_calls"] == recipes["aligntI"]["teacher_calls"] == 2
+    assert recipes["aligntI"]["student_tokens"] > recipes["kd"]["student_tokens"]
+    assert recipes["gkd"]["student_calls"] > 2
+    assert report["config"]["visual"] == 16 and report["config"]["gkd_on_policy_prob"] == 1.0
+
+
+def test_step_bench_refuses_real_sizes_without_cuda():
+    run = subprocess.run([sys.executable, str(STEP), "--real"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--real needs --device cuda" in run.stderr
