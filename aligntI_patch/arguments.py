@@ -19,7 +19,7 @@ _DIVERGENCE_FLAGS = "temperature is --kd_temperature, beta --jsd_beta, alpha --s
 class DistillArguments(TrainingArguments):
     teacher_model_path: str | None = field(
         default=None,
-        metadata={"help": "Local LLaVA-Qwen teacher checkpoint; needed (and loaded) only when --w_kd, --w_iva or "
+        metadata={"help": "LLaVA-Qwen teacher checkpoint (local dir or hub id org/name[@rev]); needed (and loaded) only when --w_kd, --w_iva or "
                           "--w_tpa is on"},
     )
     teacher_attn_implementation: str | None = field(

@@ -31,12 +31,13 @@ from aligntI_patch.recipes import RECIPES
 from aligntI_patch.tpa import check_sliding_window
 from aligntI_patch.trainer import AlignTITrainer
 from aligntI_patch.zero3 import prepare_teacher
+from llava.hub import resolve_dir, resolve_file
 from llava.model.builder import load_pretrained_model
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments
 from llava.train.data import make_supervised_data_module
 from llava.train.distributed import end_distributed_run
-from llava.train.llava_trainer import last_complete_checkpoint
+from llava.train.llava_trainer import resume_checkpoint
 from llava.train.lora import apply_lora
 from llava.train.train import (
     build_model,
@@ -58,11 +59,17 @@ def _family(model_type: str) -> str:
     return "qwen3" if model_type.endswith("qwen3") else "qwen2" if model_type.endswith("qwen2") else model_type
 
 
+def _read_config(name: str, arg: str):
+    """config.json of a local directory or a hub id (that file alone): a missing one is an error naming `arg`."""
+    return AutoConfig.from_pretrained(os.path.dirname(resolve_file(name, "config.json", arg)))
+
+
 def check_configs(args: DistillArguments, model_args: ModelArguments) -> None:
-    """Errors that config.json files show, before any weight is loaded: a teacher without a vision tower, a
-    conversation template of another Qwen family than the models, a teacher trained with another template."""
+    """Errors that config.json files show, before any weight is loaded: a student or teacher that is neither a
+    local directory nor a resolvable hub id, a teacher without a vision tower, a conversation template of another
+    Qwen family than the models, a teacher trained with another template."""
     version = model_args.version
-    student = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    student = _read_config(model_args.model_name_or_path, "--model_name_or_path")
     family = TEMPLATE_FAMILY.get(version)
     if family and _family(student.model_type) != family:
         raise ValueError(f"--version {version} is the {family} template, but the student "
@@ -73,9 +80,9 @@ def check_configs(args: DistillArguments, model_args: ModelArguments) -> None:
         logger.warning("The student (%s) is a plain LLM and no --pretrain_mm_mlp_adapter is given: its projector "
                        "starts from random weights (pass pretrain.sh's mm_projector.safetensors)",
                        model_args.model_name_or_path)
-    if not args.needs_teacher or not os.path.isdir(args.teacher_model_path):  # load_teacher names a missing dir
+    if not args.needs_teacher:
         return
-    teacher = AutoConfig.from_pretrained(args.teacher_model_path)
+    teacher = _read_config(args.teacher_model_path, "--teacher_model_path")
     if not (getattr(teacher, "mm_vision_tower", None) or getattr(teacher, "mm_image_tower", None)):
         raise ValueError(
             f"--teacher_model_path {args.teacher_model_path} is a {teacher.model_type} model without a vision "
@@ -92,11 +99,11 @@ def check_configs(args: DistillArguments, model_args: ModelArguments) -> None:
 
 
 def load_teacher(args: DistillArguments, device: torch.device):
-    """The frozen teacher in the training dtype, eval mode, never seen by the optimizer."""
-    if not os.path.isdir(args.teacher_model_path):
-        raise FileNotFoundError(f"--teacher_model_path {args.teacher_model_path!r} is not a local directory")
+    """The frozen teacher in the training dtype, eval mode, never seen by the optimizer. `--teacher_model_path` is
+    a local directory or a hub id (its snapshot in the Hugging Face cache, see `llava/hub.py`)."""
     tokenizer, teacher, _, _ = load_pretrained_model(
-        args.teacher_model_path, device=str(device), torch_dtype=training_dtype(args),
+        resolve_dir(args.teacher_model_path, "--teacher_model_path"), device=str(device),
+        torch_dtype=training_dtype(args),
         attn_implementation=args.teacher_attn_implementation,
     )
     return tokenizer, teacher.eval().requires_grad_(False)
@@ -153,7 +160,7 @@ def choose_iva_layer(args: DistillArguments, data_args: DataArguments, model_arg
     if os.path.isfile(irs_path):
         return select_iva_layer("auto", model, irs_path=irs_path, name=name)
     written = os.path.join(args.output_dir, "irs.json")
-    resume = last_complete_checkpoint(args.output_dir)
+    resume = resume_checkpoint(args.output_dir, args.resume_from_checkpoint)  # the one train_and_save takes
     if resume and os.path.isfile(written):
         # IRS again could pick another layer on near-tie scores (nondeterministic GPU kernels): keep the run's own
         layer = select_iva_layer("auto", model, irs_path=written, name=name)
@@ -208,10 +215,11 @@ def main() -> None:
         # DeepSpeed: the teacher in an inference engine (ZeRO-3: partitioned), which must live as long as training
         # (its __del__ removes the hooks that gather the weights); without DeepSpeed unchanged
         teacher, teacher_engine = prepare_teacher(teacher, args)
-    iva_layer = choose_iva_layer(args, data_args, model_args, student, teacher, tokenizer, image_processor)
+    # the data pre-flight runs here, before IRS reads the data (a wrong --image_folder gets its own message)
     data_module = make_supervised_data_module(
         tokenizer, data_args, args, image_processor, student.num_image_tokens, model_args.version
     )
+    iva_layer = choose_iva_layer(args, data_args, model_args, student, teacher, tokenizer, image_processor)
     trainer = AlignTITrainer(model=student, args=args, processing_class=tokenizer, teacher=teacher,
                              iva_layer=iva_layer, vocab_size=vocab_size, **data_module)
     train_and_save(trainer, model_args, tokenizer, image_processor)

@@ -269,10 +269,11 @@ def test_missing_extra_is_a_clear_import_error(monkeypatch, tmp_path):
             build_vision_tower(config)
 
 
-def test_hf_hub_names_resolve_from_the_local_cache_only(monkeypatch, tmp_path):
+def test_hf_hub_names_resolve_from_the_local_cache_offline(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # online, hf-hub: names download
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache.*open_clip:<local dir>"):
         describe_open_clip_tower("hf-hub:timm/ViT-B-16-SigLIP")
     repo = tmp_path / "hub" / "models--timm--ViT-B-16-SigLIP"  # huggingface_hub's cache layout

@@ -1,9 +1,9 @@
 """The shell entry points (`scripts/v1_5/*.sh`, `scripts/v1_5/eval/*.sh`), run with a stand-in python.
 
 `PYTHON` points to a stub (in a folder whose name has a space, so an unquoted "$PYTHON" breaks) that logs
-each call (argv, working directory, CUDA_VISIBLE_DEVICES) as a JSON line, writes the `--answers-file` of
-an answering chunk, and fails the chunk named by STUB_FAIL_CHUNK: nothing is trained or evaluated, so
-these tests take seconds.
+each call (argv, working directory, CUDA_VISIBLE_DEVICES) as a JSON line, prints the tiny preset's paths,
+writes the `--answers-file` of an answering chunk, and fails the chunk named by STUB_FAIL_CHUNK: nothing is
+trained or evaluated, so these tests take seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ record = {{"prog": Path(sys.argv[0]).name, "cwd": os.getcwd(), "argv": argv,
           "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}
 with open(os.environ["STUB_LOG"], "a") as log:
     log.write(json.dumps(record) + "\\n")
+if argv[:3] == ["-m", "llava.tiny.preset", "paths"]:  # the tiny preset's paths, under --root
+    root, b = argv[argv.index("--root") + 1], argv[argv.index("--backbone") + 1]
+    for name, rel in (("WORLD", "data"), ("IMAGES", "data/images"), ("STUDENT_BASE", f"base/student-{{b}}"),
+                      ("TEACHER", f"teacher/{{b}}"), ("SIGLIP", "siglip")):
+        print(f"TINY_{{name}}={{root}}/{{rel}}")
 if "--chunk-idx" in argv:
     chunk = argv[argv.index("--chunk-idx") + 1]
     if chunk == os.environ.get("STUB_FAIL_CHUNK"):
@@ -131,7 +136,8 @@ def test_distill_args_split_like_a_shell(stub, tmp_path, distill_args):
     assert proc.returncode == 0, proc.stderr
     argv = calls[0]["argv"]
     tail = argv[argv.index("--group_by_modality_length") + 2 :]  # DISTILL_ARGS come last
-    assert tail == shlex.split(distill_args)
+    assert tail[:2] == ["--gradient_checkpointing", "True"]  # GRAD_CKPT's default at real scale, then them
+    assert tail[2:] == shlex.split(distill_args)
     assert not list(ROOT.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
 
 
@@ -140,6 +146,102 @@ def test_distill_args_with_an_unmatched_quote_fail(stub, tmp_path):
         SCRIPTS / "distill_aligntI.sh", tmp_path, stub, DISTILL_ARGS='--irs_path "/a b', **REAL_SCALE
     )
     assert proc.returncode != 0 and "unmatched" in proc.stderr and not calls
+
+
+TRAIN_SCRIPTS = ["pretrain.sh", "finetune.sh", "distill_aligntI.sh"]
+ENTRY = {"pretrain.sh": "llava.train.train", "finetune.sh": "llava.train.train",
+         "distill_aligntI.sh": "aligntI_patch.distill"}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_extra_args_come_last_split_like_a_shell(stub, tmp_path, script):
+    extra = "--save_steps 500 --run_name 'my run' --note $(touch PWNED) --resume_from_checkpoint False"
+    env = {**REAL_SCALE, "EXTRA_ARGS": extra}
+    if script == "distill_aligntI.sh":
+        env["DISTILL_ARGS"] = "--recipe kd"  # DISTILL_ARGS keep working, EXTRA_ARGS come after them
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **env)
+    assert proc.returncode == 0, proc.stderr
+    want = (["--recipe", "kd"] if "DISTILL_ARGS" in env else []) + shlex.split(extra)
+    assert calls[0]["argv"][-len(want):] == want
+    assert not list(ROOT.glob("PWNED*")) and not list(tmp_path.glob("PWNED*"))
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **REAL_SCALE, EXTRA_ARGS="--note 'open")
+    assert proc.returncode != 0 and "unmatched" in proc.stderr and not calls
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_report_to_defaults_to_none(stub, tmp_path, script):
+    for value, expected in ((None, "none"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        env = {**REAL_SCALE, **({"REPORT_TO": value} if value else {})}
+        proc, calls = run(SCRIPTS / script, tmp_path, stub, **env)
+        assert proc.returncode == 0, proc.stderr
+        assert flag(calls[0]["argv"], "--report_to") == expected and calls[0]["argv"].count("--report_to") == 1
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_real_scale_variables_without_model_are_an_error(stub, tmp_path, script):
+    no_model = {k: v for k, v in REAL_SCALE.items() if k != "MODEL"}
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **no_model)
+    assert proc.returncode == 2 and not calls  # before the tiny preset builds anything
+    assert "TEACHER PRETRAIN_DIR VISION_TOWER DATA_PATH IMAGE_FOLDER set but MODEL is not" in proc.stderr
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, DATA_PATH="/data/mix.json", OUTPUT_DIR="out")
+    assert proc.returncode == 2 and not calls
+    assert "error: DATA_PATH set but MODEL is not" in proc.stderr and "OUTPUT_DIR" not in proc.stderr
+
+
+def test_tiny_preset_runs_every_stage_with_extra_args_for_the_called_one_only(stub, tmp_path):
+    """The variables the README's tiny runs use (OUTPUT_DIR, EPOCHS, DISTILL_ARGS, TINY_ROOT) select no real-scale
+    run; the preset's earlier stages run without the called script's EXTRA_ARGS / DISTILL_ARGS."""
+    env = {"TINY_ROOT": "tiny", "OUTPUT_DIR": "kd", "EPOCHS": "2", "DISTILL_ARGS": "--recipe kd",
+           "EXTRA_ARGS": "--max_steps 3", "REPORT_TO": "tensorboard", "GRAD_CKPT": "1"}  # fmt: skip
+    proc, calls = run(SCRIPTS / "distill_aligntI.sh", tmp_path, stub, **env)
+    assert proc.returncode == 0, proc.stderr
+    entries = [c["argv"] for c in calls if c["argv"][1] in ("llava.train.train", "aligntI_patch.distill")]
+    pretrain, sft, aligntI = entries
+    assert flag(pretrain, "--output_dir") == f"{tmp_path}/tiny/student/qwen2-pretrain"
+    assert flag(sft, "--output_dir") == f"{tmp_path}/tiny/student/qwen2-sft"
+    assert flag(aligntI, "--output_dir") == f"{tmp_path}/kd" and aligntI[1] == "aligntI_patch.distill"
+    for argv in entries:  # the other variables reach every stage, as before
+        assert flag(argv, "--num_train_epochs") == "2" and flag(argv, "--report_to") == "tensorboard"
+        assert flag(argv, "--gradient_checkpointing") == "True"
+    assert aligntI[-4:] == ["--recipe", "kd", "--max_steps", "3"]
+    assert "--max_steps" not in pretrain + sft and "--recipe" not in pretrain + sft
+    assert calls[-1]["argv"][:2] == ["-m", "aligntI_patch.report"]
+
+
+@pytest.mark.parametrize("script, default", [("pretrain.sh", True), ("finetune.sh", True),
+                                             ("distill_aligntI.sh", True)])  # fmt: skip
+def test_grad_ckpt_sets_gradient_checkpointing(stub, tmp_path, script, default):
+    for value, expected in ((None, default), ("1", True), ("0", False)):
+        env = {**REAL_SCALE, **({"GRAD_CKPT": value} if value else {})}
+        proc, calls = run(SCRIPTS / script, tmp_path, stub, **env)
+        assert proc.returncode == 0, proc.stderr
+        argv = calls[0]["argv"]
+        assert argv.count("--gradient_checkpointing") == expected
+        if expected:
+            assert flag(argv, "--gradient_checkpointing") == "True"
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **REAL_SCALE, GRAD_CKPT="yes")
+    assert proc.returncode == 2 and "GRAD_CKPT must be 0 or 1, got 'yes'" in proc.stderr and not calls
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS)
+def test_multi_node_variables_reach_the_deepspeed_launcher(stub, tmp_path, script):
+    (tmp_path / "hosts").write_text("node-a slots=8\nnode-b slots=8\n")
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **{**REAL_SCALE, "NUM_GPUS": "8"})
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0]["argv"][:4] == ["--num_gpus", "8", "--module", ENTRY[script]]  # one node: as before
+    env = {**REAL_SCALE, "NUM_GPUS": "8", "NUM_NODES": "2", "HOSTFILE": "hosts", "MASTER_ADDR": "10.0.0.1",
+           "MASTER_PORT": "29600"}  # fmt: skip
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **env)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call["prog"] == "deepspeed" and call["argv"][:12] == [
+        "--num_gpus", "8", "--num_nodes", "2", "--hostfile", f"{tmp_path}/hosts", "--master_addr", "10.0.0.1",
+        "--master_port", "29600", "--module", ENTRY[script]]  # fmt: skip
+    for bad, message in (({"NUM_NODES": "two"}, "NUM_NODES must be a positive integer, got 'two'"),
+                         ({"HOSTFILE": "nope"}, f"HOSTFILE {tmp_path}/nope does not exist"),
+                         ({"NUM_GPUS": "0"}, "NUM_NODES / HOSTFILE need the DeepSpeed launcher")):  # fmt: skip
+        proc, calls = run(SCRIPTS / script, tmp_path, stub, **{**env, **bad})
+        assert proc.returncode == 2 and message in proc.stderr and not calls
 
 
 # ------------------------------------------------------------------------------------------ evaluation

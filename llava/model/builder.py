@@ -3,6 +3,8 @@
 The class is chosen from `config.model_type` (Auto* registration), never from the folder name. Our layout and
 the released Align-TI layout both load (renaming only, see `checkpoint.py`); a weight that maps nowhere is
 an error naming it, and so is a parameter that no file fills (it would otherwise stay randomly initialised).
+`model_path`, `model_base` and the config's `mm_vision_tower` are local directories or hub ids (`org/name`,
+`org/name@revision`), resolved through the Hugging Face cache (`llava/hub.py`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import is_flash_attn_2_available
 
+from llava.hub import ModelNotFoundError, resolve_dir, resolve_file
 from llava.model import llava_class_for
 
 from .checkpoint import IGNORED_KEYS, KEY_RENAMES, read_state_dict, rename_key
+from .multimodal_encoder.base import TOWER_ARG
 from .multimodal_encoder.open_clip_encoder import is_open_clip_name
 from .multimodal_encoder.siglip_encoder import load_image_processor
 
@@ -94,7 +98,8 @@ def _attention(attn_implementation: str | None, use_flash_attn: bool, device: st
 
 def _resolve_tower_path(config: PretrainedConfig, *roots: str | None) -> None:
     """A relative `mm_vision_tower` that is no directory from the current one may be relative to the checkpoint
-    (or its base): point the config at the first match, so building, loading and the image processor agree."""
+    (or its base): point the config at the first match, so building, loading and the image processor agree.
+    Otherwise it stays as it is (a hub id, or a path that the tower's loader reports missing if it is needed)."""
     path = config.mm_vision_tower
     if not path or os.path.isabs(path) or os.path.isdir(path) or is_open_clip_name(path):
         return
@@ -122,20 +127,20 @@ def load_pretrained_model(
     - full checkpoint: `model_path` holds config.json (`llava_qwen2` / `llava_qwen3`) and all weights;
     - projector-only: `model_path` holds config.json + `mm_projector.*` (pretrain stage), `model_base` the LLM;
     - LoRA: `model_path` holds `adapter_config.json` (+ `non_lora_trainables.bin`), `model_base` the LLM.
+    Each path is a local directory or a hub id (`Qwen/Qwen2-0.5B`, `org/name@revision`): the hub snapshot in
+    the Hugging Face cache (`HF_HOME`), downloaded when online and missing, the cache only with HF_HUB_OFFLINE=1.
     `model_name` is accepted for LLaVA compatibility and ignored: the checkpoint's config decides.
     `use_flash_attn=True` (LLaVA's keyword) means `attn_implementation="flash_attention_2"`.
     """
     if load_8bit or load_4bit:
         raise NotImplementedError("8/4-bit loading needs bitsandbytes on CUDA; load in bf16 instead")
-    model_path = os.fspath(model_path)
-    model_base = None if model_base is None else os.fspath(model_base)
-    if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"--model-path {model_path!r} is not a local directory")
     device_map, torch_dtype = _placement(device, device_map, torch_dtype)
     load_kwargs = {"dtype": torch_dtype, "device_map": device_map, **kwargs}
     attn_implementation = _attention(attn_implementation, use_flash_attn, device)
     if attn_implementation:
         load_kwargs["attn_implementation"] = attn_implementation
+    model_path = resolve_dir(model_path, "--model-path")
+    model_base = None if model_base is None else resolve_dir(model_base, "--model-base")
 
     config = _load_config(model_path)
     _resolve_tower_path(config, model_path, model_base)
@@ -159,16 +164,21 @@ def load_pretrained_model(
             f"{model.get_input_embeddings().weight.shape[0]} rows"
         )
     model.eval()
-    image_processor = None
-    if model.get_vision_tower() is not None:
-        for source in (model_path, model.config.mm_vision_tower):
-            if source and os.path.isfile(os.path.join(source, "preprocessor_config.json")):
-                image_processor = load_image_processor(source)
-                break
-        else:
-            image_processor = load_image_processor(model.get_vision_tower().config)
+    image_processor = _image_processor(model, model_path) if model.get_vision_tower() is not None else None
     context_len = model.config.tokenizer_model_max_length or getattr(model.config, "max_sequence_length", 2048)
     return tokenizer, model, image_processor, context_len
+
+
+def _image_processor(model, model_path: str):
+    """The checkpoint's own preprocessor_config.json, else its tower's (a directory or a hub id: that file alone),
+    else the defaults for the tower's config."""
+    tower = model.config.mm_vision_tower
+    if os.path.isfile(os.path.join(model_path, "preprocessor_config.json")):
+        return load_image_processor(model_path)
+    found = None
+    if tower and not is_open_clip_name(tower):
+        found = resolve_file(tower, "preprocessor_config.json", TOWER_ARG, required=False)
+    return load_image_processor(os.path.dirname(found) if found else model.get_vision_tower().config)
 
 
 def _load_on_base(model_path: str, model_base: str, config: PretrainedConfig, is_lora: bool, load_kwargs: dict):
@@ -215,13 +225,11 @@ def _has_tokenizer(path: str) -> bool:
 
 def _attach_vision_tower(model, config: PretrainedConfig, model_base: str) -> None:
     """Fill the tower (built from config with random weights) from `mm_vision_tower`'s own checkpoint."""
-    path = config.mm_vision_tower
-    if not (path and (os.path.isdir(path) or is_open_clip_name(path))):  # open_clip names check their own files
-        raise FileNotFoundError(
-            f"Vision tower weights: the base {model_base} holds none and {path!r} is not a local directory "
-            "(set mm_vision_tower)"
-        )
-    model.get_vision_tower().load_pretrained(path)
+    try:
+        model.get_vision_tower().load_pretrained(config.mm_vision_tower)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"Vision tower weights: the base {model_base} holds none, and {err} (set "
+                                 "mm_vision_tower)") from err
 
 
 def _non_lora_trainables(model, model_path: str) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-path", required=True, help="checkpoint folder")
+    parser.add_argument("--model-path", required=True, help="checkpoint folder or hub id (org/name[@rev])")
     parser.add_argument("--model-base", default=None, help="base LLM for projector-only or LoRA checkpoints")
     parser.add_argument("--image-file", default=None, help="local image to chat about (omit for text only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -28,7 +28,7 @@ from llava.serve.inference import ChatModel, tiny_world_examples  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-path", required=True, help="student (or any LLaVA-Qwen) checkpoint folder")
+    parser.add_argument("--model-path", required=True, help="student (or any LLaVA-Qwen) checkpoint folder or hub id")
     parser.add_argument("--model-base", default=None, help="base LLM for projector-only or LoRA checkpoints")
     parser.add_argument(
         "--teacher-path", default=None, help="teacher checkpoint: its focus map is shown beside"

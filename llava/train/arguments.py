@@ -15,14 +15,14 @@ NO_FLEX_BACKWARD_DEVICES = ("cpu", "mps")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default=None, metadata={"help": "LLM (Qwen2/Qwen3) or LLaVA-Qwen checkpoint dir"})
+    model_name_or_path: str = field(default=None, metadata={"help": "LLM (Qwen2/Qwen3) or LLaVA-Qwen checkpoint: a local dir or a hub id org/name[@rev]"})
     version: str = field(default="qwen_2", metadata={"help": "Conversation template: qwen_2, qwen_3 or plain"})
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the LLM (projector still trains)"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Pretrain stage: train only the projector"})
     tune_vision_tower: bool = field(
         default=False, metadata={"help": "Also train the vision tower (the paper keeps SigLIP frozen)"}
     )
-    vision_tower: str | None = field(default=None, metadata={"help": "Local SigLIP checkpoint dir, or open_clip:<dir> / open_clip:<arch>:<weights> / hf-hub:<repo> (openclip extra)"})
+    vision_tower: str | None = field(default=None, metadata={"help": "SigLIP checkpoint dir or hub id, or open_clip:<dir> / open_clip:<arch>:<weights> / hf-hub:<repo> (openclip extra)"})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision hidden state to use (-2: penultimate)"})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Projector from the pretrain stage"})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear or mlp2x_gelu"})
@@ -73,10 +73,18 @@ class DataArguments:
     is_multimodal: bool = False
     image_folder: str | None = field(default=None, metadata={"help": "Root of the images named in the data"})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or square"})
+    max_bad_fraction: float = field(
+        default=0.01,
+        metadata={"help": "Stop before step 1 when more than this fraction of the samples is bad "
+                          "(malformed, image missing or outside --image_folder; checked by stat); 1 never "
+                          "stops. Bad samples met in training are skipped and replaced either way"},
+    )
 
     def __post_init__(self):
         if self.data_path is None:
             raise ValueError("--data_path is required")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"--max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"--image_aspect_ratio must be pad or square, got {self.image_aspect_ratio!r}")
 

@@ -4,7 +4,8 @@ every rank of a multi-process run (ZeRO-3), safe saving/resume.
 Skipped samples: each process keeps the unique (index, image, reason) records its batches carried; at every
 checkpoint save and at the end they are gathered from all processes and written to `skipped_samples.json` in
 the checkpoint (before its trainer_state.json, which marks it complete) and in `output_dir`, so a crashed run
-leaves its list, and a resumed run reloads it from the checkpoint it resumes.
+leaves its list, and a resumed run reloads it from the checkpoint it resumes. Their count (unique, all
+processes, cumulative) is logged as `skipped_samples` at every logging step; each step sends only new records.
 
 LoRA: HF's checkpoint-N holds only the adapter (PEFT's save), so the non-LoRA trainables (the projector) are
 written beside it as `non_lora_trainables.bin` (the final save's name) and loaded back on resume.
@@ -37,11 +38,26 @@ class SkippedSamples:
 
     def __init__(self) -> None:
         self.records: dict[str, dict] = {}
+        self.unshared: list[dict] = []  # this process's new records, not yet sent to the others (`count`)
 
-    def add(self, records: Iterable[dict]) -> None:
+    def add(self, records: Iterable[dict], local: bool = True) -> None:
         for r in records:
             # the image may be a list (multi-image records): key on its JSON text
-            self.records.setdefault(json.dumps([r["index"], r["image"], r["reason"]]), r)
+            key = json.dumps([r["index"], r["image"], r["reason"]])
+            if key not in self.records:
+                self.records[key] = r
+                if local:
+                    self.unshared.append(r)
+
+    def count(self) -> int:
+        """The number of unique records of all processes so far (a collective: it sends only the new ones)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(parts, self.unshared)
+            for part in parts:
+                self.add(part, local=False)
+        self.unshared = []
+        return len(self.records)
 
     def gather(self) -> list[dict]:
         """The union over all processes, sorted by index (a collective: every rank calls it)."""
@@ -49,7 +65,8 @@ class SkippedSamples:
             parts: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(parts, list(self.records.values()))
             for part in parts:
-                self.add(part)
+                self.add(part, local=False)
+        self.unshared = []
         return sorted(self.records.values(), key=lambda r: r["index"])
 
     def load(self, checkpoint: str) -> None:
@@ -59,7 +76,7 @@ class SkippedSamples:
             logger.info("%s has no %s: the skipped-sample list restarts empty", checkpoint, SKIPPED_FILE)
             return
         with open(path, encoding="utf-8") as f:
-            self.add(json.load(f)["samples"])
+            self.add(json.load(f)["samples"], local=False)
 
 
 def write_skipped(path: str, records: list[dict]) -> None:
@@ -82,6 +99,12 @@ class LLaVATrainer(Trainer):
 
     def pop_skipped(self, inputs: dict) -> None:
         self.skipped.add(inputs.pop("skipped", ()))
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """HF's log plus `skipped_samples`: the unique bad samples of all processes so far (training logs)."""
+        if "loss" in logs:  # a training log step: every rank reaches it together (the loss is all-gathered)
+            logs["skipped_samples"] = self.skipped.count()
+        super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.pop_skipped(inputs)
@@ -222,6 +245,56 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             if os.path.isfile(os.path.join(path, "trainer_state.json")):
                 steps.append((int(name.split("-")[-1]), path))
     return max(steps)[1] if steps else None
+
+
+def parse_resume_flag(flag: str | bool | None) -> str | bool | None:
+    """HF's `--resume_from_checkpoint` (a str on the command line) -> None (unset or "True": resume automatically),
+    False ("False": a fresh run) or the checkpoint path."""
+    if flag is None or str(flag).lower() == "true":
+        return None
+    if str(flag).lower() == "false":
+        return False
+    return str(flag)
+
+
+def resume_checkpoint(output_dir: str, flag: str | bool | None) -> str | None:
+    """The checkpoint a run resumes from: by default the newest complete `checkpoint-N` of `output_dir` (None on
+    a fresh one), None for `--resume_from_checkpoint False`, else the path given, which must be complete."""
+    wanted = parse_resume_flag(flag)
+    if wanted is None:
+        return last_complete_checkpoint(output_dir)
+    if wanted is False:
+        return None
+    if not os.path.isdir(wanted):
+        raise FileNotFoundError(f"--resume_from_checkpoint {wanted}: no such checkpoint directory")
+    if not os.path.isfile(os.path.join(wanted, "trainer_state.json")):
+        newest = last_complete_checkpoint(os.path.dirname(os.path.abspath(wanted)))
+        raise ValueError(
+            f"--resume_from_checkpoint {wanted} is incomplete: it has no trainer_state.json (a save writes it last)"
+            + (f"; the newest complete checkpoint beside it is {newest}" if newest else "")
+        )
+    return wanted
+
+
+def set_aside_checkpoints(output_dir: str) -> str | None:
+    """Move every `checkpoint-N` of `output_dir` into `output_dir/previous-run-K` (the first free K); returns it,
+    or None when there were none.
+
+    A fresh run in a used output_dir would otherwise resume them after a crash, and HF's rotation
+    (`--save_total_limit`, which keeps the highest step numbers) would delete its own newer checkpoints."""
+    if not os.path.isdir(output_dir):
+        return None
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n.split("-")[-1].isdigit()]
+    if not names:
+        return None
+    k = 1
+    while os.path.exists(os.path.join(output_dir, f"previous-run-{k}")):
+        k += 1
+    target = os.path.join(output_dir, f"previous-run-{k}")
+    os.makedirs(target)
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
 
 
 def atomic_save(save_fn, output_dir: str) -> None:

@@ -4,7 +4,8 @@
         --image_folder IMGS --vision_tower SIGLIP [--tune_mm_mlp_adapter True] --output_dir OUT ...
 
 The pretrain stage (`--tune_mm_mlp_adapter True`) saves the projector (`mm_projector.safetensors`), the
-finetune stage a full checkpoint; both resume from the newest complete `checkpoint-N` in `output_dir`.
+finetune stage a full checkpoint; both resume from the newest complete `checkpoint-N` in `output_dir` (or from
+the checkpoint `--resume_from_checkpoint` names; `--resume_from_checkpoint False` starts afresh).
 Under DeepSpeed ZeRO-3 the model loads whole and is partitioned when the trainer wraps it, as in distillation
 (`llava.train.zero3`); every rank takes part in the final save, which gathers the weights rank 0 writes.
 """
@@ -18,13 +19,20 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer
 
+from llava.hub import resolve_dir
 from llava.model import llava_class_for
 from llava.model.checkpoint import KEY_RENAMES
 from llava.model.multimodal_encoder.siglip_encoder import load_image_processor
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments, check_trainable_attention
 from llava.train.data import make_supervised_data_module
 from llava.train.distributed import end_distributed_run
-from llava.train.llava_trainer import LLaVATrainer, atomic_save, last_complete_checkpoint
+from llava.train.llava_trainer import (
+    LLaVATrainer,
+    atomic_save,
+    parse_resume_flag,
+    resume_checkpoint,
+    set_aside_checkpoints,
+)
 from llava.train.lora import apply_lora, save_lora
 from llava.train.zero3 import check_full_save, gathered, whole_weights
 
@@ -38,7 +46,7 @@ def training_dtype(args: TrainingArguments) -> torch.dtype:
 def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     """LLM (or LLaVA-Qwen checkpoint) -> LLaVA-Qwen model with vision tower and projector attached."""
     check_trainable_attention(model_args.attn_implementation, training_args.device)
-    path = model_args.model_name_or_path
+    path = resolve_dir(model_args.model_name_or_path, "--model_name_or_path")  # a local dir or a hub id
     cls = llava_class_for(AutoConfig.from_pretrained(path).model_type)
     model = cls.from_pretrained(
         path,
@@ -50,7 +58,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments):
     if model_args.vision_tower:
         model.get_model().initialize_vision_modules(model_args)
     elif model.get_vision_tower() is None:
-        raise ValueError(f"{path} has no vision tower: pass --vision_tower (a local SigLIP checkpoint dir)")
+        raise ValueError(f"{path} has no vision tower: pass --vision_tower (a SigLIP checkpoint dir or hub id)")
     return model
 
 
@@ -68,7 +76,8 @@ def set_trainable(model, model_args: ModelArguments, training_args: TrainingArgu
 
 def build_tokenizer(model_args: ModelArguments, training_args: TrainingArguments, model):
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right"
+        resolve_dir(model_args.model_name_or_path, "--model_name_or_path"),
+        model_max_length=training_args.model_max_length, padding_side="right",
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -119,10 +128,20 @@ def save_model(trainer: LLaVATrainer, model_args: ModelArguments, tokenizer, ima
 
 
 def train_and_save(trainer, model_args: ModelArguments, tokenizer, image_processor) -> None:
-    """Train (resuming from the newest complete checkpoint of output_dir, if any), then save the result."""
-    resume = last_complete_checkpoint(trainer.args.output_dir)
-    if resume:
-        logger.info("Resuming from %s", resume)
+    """Train, then save the result. `--resume_from_checkpoint`: unset = from the newest complete checkpoint of
+    output_dir, if any; a path = from that checkpoint; False = a fresh run (output_dir's checkpoints set aside)."""
+    args = trainer.args
+    wanted = parse_resume_flag(args.resume_from_checkpoint)
+    resume = resume_checkpoint(args.output_dir, wanted)
+    if resume and wanted:
+        logger.info("Resuming from %s (as asked)", resume)
+    elif resume:
+        logger.info("Resuming from %s (the newest complete checkpoint of output_dir; --resume_from_checkpoint False "
+                    "starts afresh)", resume)
+    elif wanted is False and args.should_save:
+        moved = set_aside_checkpoints(args.output_dir)
+        aside = f"; the checkpoints already in {args.output_dir} were moved to {moved} (not resumed, not rotated)"
+        logger.warning("--resume_from_checkpoint False: a fresh run%s", aside if moved else "")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     save_model(trainer, model_args, tokenizer, image_processor)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# How errors name a tower: `--vision_tower` when training, the checkpoint's `mm_vision_tower` when loading.
+TOWER_ARG = "vision tower (--vision_tower / mm_vision_tower)"
+
 
 class VisionTowerBase(nn.Module):
     """Subclasses set `self.vision_tower` (the frozen encoder) and define `config`, `num_patches`, `forward`."""

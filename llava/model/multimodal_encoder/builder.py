@@ -1,7 +1,8 @@
 """Vision tower builder: SigLIP from transformers by default, open_clip as an optional extra.
 
 `mm_vision_tower` names starting with `open_clip:` or `hf-hub:` are open_clip towers (`open_clip_encoder.py`);
-anything else is a local SigLIP checkpoint directory.
+anything else is a SigLIP checkpoint: a local directory or a hub id (`google/siglip-so400m-patch14-384`,
+`org/name@revision`) resolved through the Hugging Face cache (`llava/hub.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import os
 
 from transformers import AutoConfig, SiglipVisionConfig
 
+from llava.hub import ModelNotFoundError, resolve_file
+
+from .base import TOWER_ARG
 from .open_clip_encoder import (
     OpenCLIPVisionConfig,
     OpenCLIPVisionTower,
@@ -27,13 +31,15 @@ def resolve_vision_config(config) -> SiglipVisionConfig | OpenCLIPVisionConfig:
         return OpenCLIPVisionConfig(**embedded) if embedded else describe_open_clip_tower(path)
     if embedded:
         return SiglipVisionConfig(**embedded)
-    if path and os.path.isdir(path):
-        loaded = AutoConfig.from_pretrained(path)
-        return getattr(loaded, "vision_config", loaded)
-    raise FileNotFoundError(
-        f"Vision tower {path!r} is not a local directory and the checkpoint embeds no `mm_vision_config`. "
-        "Download the SigLIP checkpoint and set `mm_vision_tower` in config.json (or --vision_tower) to its path."
-    )
+    if not path:
+        raise ValueError("No vision tower: the config names no `mm_vision_tower` (pass --vision_tower)")
+    try:  # the config alone: a tower whose weights come from the checkpoint needs no download of its own
+        config_file = resolve_file(path, "config.json", TOWER_ARG)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"{err} (the tower's config.json is read from there: the model's config embeds no "
+                                 "`mm_vision_config`)") from err
+    loaded = AutoConfig.from_pretrained(os.path.dirname(config_file))
+    return getattr(loaded, "vision_config", loaded)
 
 
 def build_vision_tower(config) -> SiglipVisionTower | OpenCLIPVisionTower:

@@ -1,13 +1,13 @@
 """open_clip vision towers (optional extra `openclip`, open_clip_torch >= 3.0), interchangeable with SigLIP's.
 
-`mm_vision_tower` names, all resolved from local files (nothing can be downloaded on these machines):
+`mm_vision_tower` names:
 - `open_clip:<dir>`: a directory in open_clip's hub layout (`open_clip_config.json` + weights, e.g. a copy of
   `timm/ViT-B-16-SigLIP`), built with `open_clip.create_model("local-dir:<dir>")`;
 - `open_clip:<model name>:<weights file>`: a built-in architecture and a local checkpoint,
   `open_clip.create_model(name, pretrained=<file>)`. open_clip then uses its default preprocessing (OpenAI
   mean/std, shortest-edge resize), not the one of the tag the weights came from: prefer the directory form;
-- `hf-hub:<org>/<repo>`: taken from the local Hugging Face cache only (`huggingface_hub.snapshot_download(...,
-  local_files_only=True)`), then read as a directory; a repo that is not cached is an error naming the fixes.
+- `hf-hub:<org>/<repo>`: resolved like every hub id (`llava/hub.py`: the Hugging Face cache, downloaded when
+  online and not cached, the cache only with `HF_HUB_OFFLINE=1`), then read as a directory.
 
 Design choices:
 - Features are `model.visual.forward_intermediates(x, indices=[block], intermediates_only=True,
@@ -84,7 +84,7 @@ class OpenCLIPVisionConfig:
 def resolve_open_clip_name(name: str) -> tuple[str, str | None]:
     """`mm_vision_tower` -> (open_clip model name, local weights file; None when the name holds them)."""
     if name.startswith(HF_HUB_PREFIX):
-        return f"local-dir:{_hf_cache_snapshot(name.removeprefix(HF_HUB_PREFIX))}", None
+        return f"local-dir:{_hf_hub_snapshot(name)}", None
     identifier = name.removeprefix(OPEN_CLIP_PREFIX)
     if os.path.isdir(identifier):
         return f"local-dir:{identifier}", None
@@ -98,17 +98,22 @@ def resolve_open_clip_name(name: str) -> tuple[str, str | None]:
     return model_name, weights
 
 
-def _hf_cache_snapshot(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
+def _hf_hub_snapshot(name: str) -> str:
+    """`hf-hub:<org>/<repo>` -> its snapshot directory, with open_clip_config.json and the weights."""
+    from llava.hub import ModelNotFoundError, parse_hub_id, resolve_dir
 
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except FileNotFoundError as err:  # huggingface_hub's LocalEntryNotFoundError
-        raise FileNotFoundError(
-            f"open_clip tower 'hf-hub:{repo_id}' is not in the local Hugging Face cache, and nothing can be "
-            f"downloaded here: run `huggingface-cli download {repo_id}` where the hub is reachable and copy the "
-            "cache, or set the vision tower to 'open_clip:<local dir>' holding open_clip_config.json and weights."
-        ) from err
+    repo_id = name.removeprefix(HF_HUB_PREFIX)
+    if parse_hub_id(repo_id) is None:
+        raise ValueError(f"open_clip tower {name!r}: expected 'hf-hub:<org>/<repo>'")
+    arg = f"open_clip tower {name!r}"
+    try:  # open_clip reads open_clip_model.safetensors before open_clip_pytorch_model.bin: the .bin only if needed
+        snapshot = resolve_dir(repo_id, arg, allow_patterns=["open_clip_config.json", "open_clip_*.safetensors"])
+        if not any(f.startswith("open_clip_") and f.endswith(".safetensors") for f in os.listdir(snapshot)):
+            snapshot = resolve_dir(repo_id, arg, allow_patterns=["open_clip_config.json", "open_clip_*.bin"])
+        return snapshot
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"{err}; or set the vision tower to 'open_clip:<local dir>' holding "
+                                 "open_clip_config.json and weights") from err
 
 
 def _create_model(model_name: str, weights: str | None, load_weights: bool) -> nn.Module:

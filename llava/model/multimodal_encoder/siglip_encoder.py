@@ -12,20 +12,27 @@ import os
 import torch
 from transformers import AutoConfig, SiglipVisionConfig, SiglipVisionModel
 
-from .base import VisionTowerBase, pil_image_processor_class
+from llava.hub import resolve_dir, resolve_file
+
+from .base import TOWER_ARG, VisionTowerBase, pil_image_processor_class
 from .open_clip_encoder import OpenCLIPVisionConfig, is_open_clip_name
 from .open_clip_encoder import load_image_processor as load_open_clip_image_processor
 
 
 def load_image_processor(path_or_config: str | SiglipVisionConfig | OpenCLIPVisionConfig | dict):
-    """The tower's PIL image processor: SigLIP's, or built from an open_clip tower's preprocess config."""
+    """The tower's PIL image processor: SigLIP's, or built from an open_clip tower's preprocess config.
+
+    A name (local directory or hub id) gives its preprocessor_config.json, else SigLIP's defaults at the size of
+    its config.json."""
     if isinstance(path_or_config, OpenCLIPVisionConfig) or is_open_clip_name(path_or_config):
         return load_open_clip_image_processor(path_or_config)
     Processor = pil_image_processor_class()
-    if isinstance(path_or_config, str) and os.path.isfile(os.path.join(path_or_config, "preprocessor_config.json")):
-        return Processor.from_pretrained(path_or_config)
-    if isinstance(path_or_config, str):  # a SigLIP dir without preprocessor_config.json
-        loaded = AutoConfig.from_pretrained(path_or_config)
+    if isinstance(path_or_config, str):
+        preprocessor = resolve_file(path_or_config, "preprocessor_config.json", TOWER_ARG, required=False)
+        if preprocessor:
+            return Processor.from_pretrained(os.path.dirname(preprocessor))
+        # a SigLIP checkpoint without preprocessor_config.json
+        loaded = AutoConfig.from_pretrained(os.path.dirname(resolve_file(path_or_config, "config.json", TOWER_ARG)))
         cfg = getattr(loaded, "vision_config", loaded)
     elif isinstance(path_or_config, dict):
         cfg = SiglipVisionConfig(**path_or_config)
@@ -52,8 +59,9 @@ class SiglipVisionTower(VisionTowerBase):
         return (self.config.image_size // self.config.patch_size) ** 2
 
     def load_pretrained(self, path: str) -> None:
-        """Load SigLIP weights from a local directory holding a SigLIP (or full SigLIP) checkpoint."""
-        loaded = SiglipVisionModel.from_pretrained(path, dtype=self.dtype)
+        """Load SigLIP weights from a SigLIP (or full SigLIP) checkpoint: a local directory or a hub id."""
+        local = resolve_dir(path, TOWER_ARG, allow_patterns=["*.json", "*.safetensors"])  # no tokenizer, no .bin
+        loaded = SiglipVisionModel.from_pretrained(local, dtype=self.dtype)
         missing, unexpected = self.vision_tower.load_state_dict(loaded.state_dict(), strict=False)
         if missing:
             raise ValueError(f"Vision tower at {path} lacks weights: {missing[:5]}")

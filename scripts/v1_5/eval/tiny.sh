@@ -5,7 +5,7 @@
 # Writes $WORLD/eval/answers/$SPLIT/$NAME/{merge.jsonl,results.json,results.md}.
 #
 # Usage: CKPT=./checkpoints/llava-qwen2-tiny-aligntI bash scripts/v1_5/eval/tiny.sh
-# Env: CKPT (or MODEL_PATH): checkpoint folder; MODEL_BASE: base LLM of a projector-only / LoRA checkpoint;
+# Env: CKPT (or MODEL_PATH): checkpoint folder or hub id; MODEL_BASE: base LLM of a projector-only / LoRA checkpoint;
 #      WORLD: tiny world folder (default playground/tiny/data, made by `python -m llava.tiny.preset prepare`);
 #      SPLIT: test or val; NAME: table row and answers subfolder (default: basename of CKPT);
 #      CONV_MODE (default: the checkpoint's conv_template); BATCH: questions per generate call (default 8);
@@ -21,8 +21,9 @@ NAME=${NAME:-$(basename "$CKPT")}
 BATCH=${BATCH:-8}
 PYTHON=${PYTHON:-python}
 
-if [ ! -d "$CKPT" ]; then
-    echo "CKPT=$CKPT is not a checkpoint folder: set CKPT" >&2; exit 1
+# a folder, or a hub id (org/name[@revision]: resolved by the loader through the Hugging Face cache)
+if [ ! -d "$CKPT" ] && ! [[ "$CKPT" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@.+)?$ ]]; then
+    echo "CKPT=$CKPT is not a checkpoint folder (nor a hub id org/name): set CKPT" >&2; exit 1
 fi
 if [ ! -f "$WORLD/${SPLIT}_questions.jsonl" ]; then
     echo "$WORLD/${SPLIT}_questions.jsonl not found: set WORLD or run" \
