@@ -53,6 +53,10 @@ def test_a_random_projector_is_warned_about(tmp_path, pair, caplog):  # noqa: F8
         check_configs(_args(tmp_path, teacher), _model_args(llm))
     assert "projector starts from random weights" in caplog.text
     caplog.clear()
+    projector = tmp_path / "mm_projector.safetensors"
+    projector.write_bytes(b"")  # only its existence is checked before loading
     with caplog.at_level(logging.WARNING):
-        check_configs(_args(tmp_path, teacher), _model_args(llm, pretrain_mm_mlp_adapter="proj.safetensors"))
+        check_configs(_args(tmp_path, teacher), _model_args(llm, pretrain_mm_mlp_adapter=str(projector)))
     assert "projector" not in caplog.text
+    with pytest.raises(FileNotFoundError, match="mm_projector.safetensors that pretrain.sh wrote"):
+        _model_args(llm, pretrain_mm_mlp_adapter=str(tmp_path / "missing" / "mm_projector.safetensors"))

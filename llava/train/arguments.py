@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,11 @@ class ModelArguments:
                              "layout (one <image> placeholder, no delimiter tokens) is the only one")
         if self.version not in ("qwen_2", "qwen_3", "plain"):
             raise ValueError(f"--version must be qwen_2, qwen_3 or plain, got {self.version!r}")
+        if self.pretrain_mm_mlp_adapter and not os.path.isfile(self.pretrain_mm_mlp_adapter):
+            # at argument parsing: before hours of model loading (the scripts pass PRETRAIN_DIR's projector)
+            raise FileNotFoundError(
+                f"--pretrain_mm_mlp_adapter {self.pretrain_mm_mlp_adapter} does not exist: pass the "
+                "mm_projector.safetensors that pretrain.sh wrote into its OUTPUT_DIR (PRETRAIN_DIR in the scripts)")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 f"--attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
