@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -98,3 +99,33 @@ def test_step_bench_smoke_writes_ratios_to_kd(tmp_path):
 def test_step_bench_refuses_real_sizes_without_cuda():
     run = subprocess.run([sys.executable, str(STEP), "--real"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "--real needs --device cuda" in run.stderr
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
+    proc = subprocess.run(["bash", str(BENCH.parents[1] / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "no CUDA device visible" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_report_collects_every_part(tmp_path):
+    """The JSON the GPU check writes, from the files its parts leave (a JUnit file, a bench JSON, a log)."""
+    spec = importlib.util.spec_from_file_location("gpu_check_report", BENCH.with_name("gpu_check_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    (tmp_path / "tests.rc").write_text("1\n")
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_tpa" name="test_a"/><testcase classname="tests.test_tpa" name="test_b">'
+        '<failure message="x"/></testcase><testcase classname="t" name="c"><skipped/></testcase>'
+        "</testsuite></testsuites>")
+    (tmp_path / "bench_step_sdpa.rc").write_text("0\n")
+    (tmp_path / "bench_step_sdpa.json").write_text('{"recipes": {"kd": {"time_ratio": 1.0}}}')
+    (tmp_path / "bench_tpa_flex.rc").write_text("124\n")
+    (tmp_path / "bench_tpa_flex.log").write_text("line\n" * 30 + "last\n")
+    parts = report.collect(tmp_path, "card")["parts"]
+    assert parts["tests"] == {"exit_code": 1, "tests": 3, "failures": 1, "errors": 0, "skipped": 1,
+                              "failed": ["tests.test_tpa::test_b"]}
+    assert parts["bench_step_sdpa"] == {"exit_code": 0, "results": {"recipes": {"kd": {"time_ratio": 1.0}}}}
+    assert parts["bench_tpa_flex"]["exit_code"] == 124 and parts["bench_tpa_flex"]["output_tail"][-1] == "last"
