@@ -196,16 +196,21 @@ def test_tiny_preset_runs_every_stage_with_extra_args_for_the_called_one_only(st
     proc, calls = run(SCRIPTS / "distill_aligntI.sh", tmp_path, stub, **env)
     assert proc.returncode == 0, proc.stderr
     entries = [c["argv"] for c in calls if c["argv"][1] in ("llava.train.train", "aligntI_patch.distill")]
-    pretrain, sft, aligntI = entries
+    pretrain, sft, aligntI, kd = entries
     assert flag(pretrain, "--output_dir") == f"{tmp_path}/tiny/student/qwen2-pretrain"
     assert flag(sft, "--output_dir") == f"{tmp_path}/tiny/student/qwen2-sft"
     assert flag(aligntI, "--output_dir") == f"{tmp_path}/kd" and aligntI[1] == "aligntI_patch.distill"
+    # the vanilla-KD baseline of the table: --recipe kd, none of the called run's own flags
+    assert flag(kd, "--output_dir") == f"{tmp_path}/tiny/student/qwen2-kd" and kd[-2:] == ["--recipe", "kd"]
     for argv in entries:  # the other variables reach every stage, as before
         assert flag(argv, "--num_train_epochs") == "2" and flag(argv, "--report_to") == "tensorboard"
         assert flag(argv, "--gradient_checkpointing") == "True"
     assert aligntI[-4:] == ["--recipe", "kd", "--max_steps", "3"]
-    assert "--max_steps" not in pretrain + sft and "--recipe" not in pretrain + sft
-    assert calls[-1]["argv"][:2] == ["-m", "aligntI_patch.report"]
+    assert "--max_steps" not in pretrain + sft + kd and "--recipe" not in pretrain + sft
+    report = calls[-1]["argv"]
+    assert report[:2] == ["-m", "aligntI_patch.report"]
+    assert [report[i + 1].split("=")[0] for i, a in enumerate(report) if a == "--model"] == [
+        "teacher", "sft-student", "kd-student", "align-ti-student"]
 
 
 @pytest.mark.parametrize("script, default", [("pretrain.sh", True), ("finetune.sh", True),

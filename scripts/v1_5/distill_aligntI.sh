@@ -2,7 +2,7 @@
 # Align-TI distillation (the main job): the student's finetune stage with L = L_sft + L_kd + L_iva + L_tpa.
 #
 # Environment overrides (none set = the built-in tiny preset end to end on CPU: world, tokenizer, teacher,
-# student pretrain, SFT baseline, Align-TI student, then a per-family table of all three):
+# student pretrain, SFT baseline, Align-TI student, the vanilla-KD baseline, then a per-family table of all four):
 #   TEACHER        LLaVA-Qwen teacher checkpoint dir (e.g. Qwen2-7B + SigLIP after both LLaVA stages)
 #   MODEL          student LLM dir or hub id (Qwen2-0.5B/1.5B, Qwen3-0.6B/1.7B)
 #   PRETRAIN_DIR   student's pretrain.sh output (mm_projector.safetensors)
@@ -10,7 +10,7 @@
 #   DATA_PATH IMAGE_FOLDER   finetune data (paper: the 2.4M mix of Table 13)
 #   VERSION        qwen_2 | qwen_3;   OUTPUT_DIR  default ./checkpoints/llava-qwen-aligntI (in the repository)
 #   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in finetune.sh (paper: lr 2e-5, global batch 128);
-#                  DS_CONFIG=./scripts/zero3.json also partitions the teacher (README, "ZeRO-3")
+#                  DS_CONFIG=./scripts/zero3.json also partitions the teacher (docs/training.md, "ZeRO-3")
 #   GRAD_CKPT      1 = gradient checkpointing of the student (default 1 with MODEL set, 0 for the tiny preset):
 #                  less activation memory, one more no-grad student pass per step (TPA's exact fallback: same
 #                  loss and gradients); 0 is faster where the batch fits (docs/scaling.md)
@@ -55,21 +55,30 @@ fi
 grad_ckpt "$CKPT_DEFAULT"
 OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-aligntI}"
 
-if [ -f "$OUTPUT_DIR/model.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors.index.json" ]; then
-    echo "[distill] $OUTPUT_DIR is complete; delete it to train again"
-else
+# distill OUT FLAGS...: train one student into OUT (unless OUT already holds a complete one), FLAGS last.
+distill() {
+    local out="$1"; shift
+    if [ -f "$out/model.safetensors" ] || [ -f "$out/model.safetensors.index.json" ]; then
+        echo "[distill] $out is complete; delete it to train again"
+        return
+    fi
     launch aligntI_patch.distill \
         --model_name_or_path "$MODEL" --teacher_model_path "$TEACHER" --version "${VERSION:-qwen_2}" \
         --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --vision_tower "$VISION_TOWER" \
         --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --image_aspect_ratio pad \
-        --output_dir "$OUTPUT_DIR" --num_train_epochs "${EPOCHS:-1}" \
+        --output_dir "$out" --num_train_epochs "${EPOCHS:-1}" \
         --per_device_train_batch_size "${BATCH:-16}" --gradient_accumulation_steps "${GRAD_ACC:-1}" \
         --learning_rate "${LR:-2e-5}" --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine \
         --model_max_length "${MAX_LEN:-2048}" --save_strategy steps --save_total_limit 1 \
-        --report_to "${REPORT_TO:-none}" "${STAGE_ARGS[@]}" "${EXTRA[@]}"
-fi
+        --report_to "${REPORT_TO:-none}" "${STAGE_ARGS[@]}" "$@"
+}
+distill "$OUTPUT_DIR" "${EXTRA[@]}"
 
 if [ -n "${SFT_DIR:-}" ]; then
+    # the paper's central comparison: the vanilla-KD student (Eq. 2, --recipe kd), same budget and flags
+    KD_DIR="$TINY_ROOT/student/$TINY_BACKBONE-kd"
+    distill "$KD_DIR" --recipe kd
     "$PYTHON" -m aligntI_patch.report --world "$TINY_WORLD" --output-dir "$OUTPUT_DIR" \
-        --model "teacher=$TEACHER" --model "sft-student=$SFT_DIR" --model "align-ti-student=$OUTPUT_DIR"
+        --model "teacher=$TEACHER" --model "sft-student=$SFT_DIR" --model "kd-student=$KD_DIR" \
+        --model "align-ti-student=$OUTPUT_DIR"
 fi
