@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from aligntI_patch.chunked_losses import DEFAULT_CHUNK_ELEMENTS
 from aligntI_patch.divergences import DIVERGENCES, check_divergence_args
 from aligntI_patch.irs import PAIRINGS, PAPER_NUM_PAIRS
 from aligntI_patch.iva import IVA_SOURCES
@@ -86,7 +87,14 @@ class DistillArguments(TrainingArguments):
         default=1.0, metadata={"help": "Temperature of on-policy sampling (full distribution: no top-k / top-p)"})
     on_policy_sft: bool = field(
         default=False, metadata={"help": "Also train L_sft on the student's own replies (GKD: off)"})
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Positions per lm_head chunk in the losses"})
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Positions per lm_head chunk in the losses (and in TPA's sampling) at most; "
+                                        "a chunk also holds at most --loss_chunk_elements logits elements"})
+    loss_chunk_elements: int = field(
+        default=DEFAULT_CHUNK_ELEMENTS,
+        metadata={"help": "Logits elements per lm_head chunk at most: rows per chunk = min(--loss_chunk_size, "
+                          "max(1, this // vocabulary)); the default 16777216 is a 64 MB fp32 [rows, V] block "
+                          "(110 rows at Qwen's V = 151936)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -140,6 +148,8 @@ class DistillArguments(TrainingArguments):
                              "--w_sft alone the student would be trained on its own samples")
         if self.loss_chunk_size < 1:
             raise ValueError(f"--loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
+        if self.loss_chunk_elements < 1:
+            raise ValueError(f"--loss_chunk_elements must be >= 1, got {self.loss_chunk_elements}")
 
     @property
     def needs_teacher(self) -> bool:

@@ -4,7 +4,8 @@ Every term of Eq. 8 (L_sft, and L_kd / L_iva / L_tpa through Eq. 2, 3, 7) needs 
 Qwen's vocabulary is ~152k: the full ``[positions x vocab]`` logits of a batch are 0.6 GB per 1k
 positions in float32, more than the rest of a 0.5B student's activations. So the losses here take
 hidden states ``[N, H]`` and the head weight ``[V, H]`` and never build more than ``[chunk_size, V]``
-logits at a time, in the forward pass or in the backward pass.
+logits at a time, in the forward pass or in the backward pass, where a chunk is at most ``chunk_size`` rows
+and at most ``chunk_elements`` logits elements (`chunk_rows`).
 
 Design choices:
 - Gradients are computed in the forward pass (``_FusedLinearLoss``): per chunk, logits = h W^T (+ b),
@@ -15,6 +16,16 @@ Design choices:
   backward needs them again. The price is one head-sized gradient held from forward to backward, which
   plain autograd allocates in its backward anyway. ``benchmarks/bench_chunked_losses.py`` measures the
   plain formula, this, and checkpointing.
+- One head gradient per step, not one per term (`SharedHeadGrad`): when the coefficients c_k of the total
+  ``sum_k c_k S_k`` are known before the terms run (the trainer's weight over global count), every term adds
+  ``c_k dS_k/dW`` into one buffer, and `SharedHeadGrad.attach` routes the sums through one node whose backward
+  hands the head ``c * buffer``, c being the common factor of the upstream gradients (``g_k = c c_k``: loss
+  scaling, world size). Any other combination of the sums raises in that backward rather than give a wrong
+  gradient. Without coefficients each term holds its own (`_FusedLinearLoss`).
+- A chunk is bounded in logits elements, not only in rows: its ``[c, V]`` blocks (student and teacher logits,
+  their (log-)softmaxes, the gradient; about six alive at once) are what a chunk costs, and that grows with V.
+  The default budget, 16M elements, is a 64 MB fp32 block: 110 rows at Qwen's V = 151936, 524 at V = 32000.
+  ``chunk_size`` stays a row cap. Results do not depend on the chunking beyond float summation order.
 - Rows that cannot contribute (weight 0, target ``IGNORE_INDEX``) are dropped before chunking: a KD
   batch aligns response positions only, IVA visual positions only.
 - Both losses return SUMS over positions, not means: the trainer divides by the global token count, so
@@ -26,6 +37,7 @@ Design choices:
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +49,30 @@ from llava.constants import IGNORE_INDEX
 # chunk_loss(logits (c, V), start, end) -> scalar sum over the chunk's rows start:end
 ChunkLoss = Callable[[Tensor, int, int], Tensor]
 
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16,777,216 logits elements per chunk: a 64 MB fp32 [c, V] block
+
+
+def chunk_rows(vocab: int, max_rows: int, max_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: at most ``max_rows``, at most ``max_elements`` logits elements ``[rows, vocab]``, at least 1.
+
+    >>> chunk_rows(151936, 1024), chunk_rows(32000, 1024), chunk_rows(32000, 100), chunk_rows(10**9, 1024)
+    (110, 524, 100, 1)
+    """
+    if max_rows < 1 or max_elements < 1 or vocab < 1:
+        raise ValueError(f"chunk_rows needs vocab, max_rows, max_elements >= 1, got {vocab}, {max_rows}, "
+                         f"{max_elements}")
+    return min(max_rows, max(1, max_elements // vocab))
+
+
+@dataclass
+class HeadGradSlot:
+    """Where one term adds its head gradient, times ``scale``: (views of) a `SharedHeadGrad`'s buffers."""
+
+    weight: Tensor | None  # (V, H) >= fp32, None when the head needs no gradient
+    bias: Tensor | None  # (V,)
+    scale: float
+    head: Tensor  # the head the buffers belong to
+
 
 def _linear_chunks(
     hidden: Tensor,
@@ -45,17 +81,25 @@ def _linear_chunks(
     chunk_loss: ChunkLoss,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
+    into: HeadGradSlot | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Sum of ``chunk_loss`` over row chunks of ``hidden @ weight.T + bias``; gradients where asked.
 
     Returns ``(loss, grad_hidden (N, H), grad_weight (V, H), grad_bias (V,))`` for a unit upstream
-    gradient; a gradient not asked for is None.
+    gradient; a gradient not asked for is None. With ``into``, ``into.scale`` times the head's gradients are
+    added to ``into``'s buffers (their first V rows) instead, and None is returned for them.
     """
     need_h, need_w, need_b = needs_grad
     acc_dtype = torch.promote_types(weight.dtype, torch.float32)  # accumulate dL/dW across chunks in >= fp32
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+    scale = 1.0
+    if into is None:
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+    else:  # the head slices [:V] of a shared buffer
+        grad_w = into.weight[: weight.shape[0]] if need_w and into.weight is not None else None
+        grad_b = into.bias[: weight.shape[0]] if need_b and into.bias is not None else None
+        scale = into.scale
     total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
@@ -74,11 +118,13 @@ def _linear_chunks(
             grad_h[start:end] = g @ weight  # (c, H)
         if grad_w is not None:
             if grad_w.dtype == h.dtype:
-                grad_w.addmm_(g.t(), h)  # (V, H), in place
+                grad_w.addmm_(g.t(), h, alpha=scale)  # (V, H), in place
             else:
-                grad_w += (g.t() @ h).to(acc_dtype)  # low-precision matmul, fp32 accumulation
+                grad_w.add_(g.t() @ h, alpha=scale)  # low-precision matmul, fp32 accumulation
         if grad_b is not None:
-            grad_b += g.sum(dim=0).to(acc_dtype)
+            grad_b.add_(g.sum(dim=0), alpha=scale)
+    if into is not None:
+        return total, grad_h, None, None
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
     grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
     return total, grad_h, grad_w, grad_b
@@ -95,28 +141,116 @@ class _FusedLinearLoss(torch.autograd.Function):
         bias: Tensor | None,
         chunk_loss: ChunkLoss,
         chunk_size: int,
+        into: HeadGradSlot | None,
     ) -> Tensor:
         needs = tuple(ctx.needs_input_grad[:3])
-        total, grad_h, grad_w, grad_b = _linear_chunks(hidden, weight, bias, chunk_loss, chunk_size, needs)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        total, grad_h, grad_w, grad_b = _linear_chunks(hidden, weight, bias, chunk_loss, chunk_size, needs, into)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)  # with `into`, the head's gradients are None here
         return total
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         # Out of place, so that backward(retain_graph=True) can run twice.
         grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
+
+
+class SharedHeadGrad:
+    """One head gradient for several terms whose total is ``sum_k c_k S_k`` (module doc).
+
+    Usage: ``sink = SharedHeadGrad(head, bias, {"kd": c_kd, "iva": c_iva})``; pass ``sink.slot(name)`` as
+    ``head_grad`` of each term's loss (computed with this ``head``, or its first rows); then
+    ``sums = sink.attach(sums)``. Backward through any combination of the attached sums other than a
+    multiple of ``sum_k c_k S_k`` raises.
+    """
+
+    def __init__(self, head: Tensor, bias: Tensor | None, coefficients: dict[str, float]) -> None:
+        bad = {k: c for k, c in coefficients.items() if not (c > 0 and c < float("inf"))}
+        if bad:
+            raise ValueError(f"coefficients must be positive and finite, got {bad}")
+        acc_dtype = torch.promote_types(head.dtype, torch.float32)
+        self.head, self.bias = head, bias
+        self.coefficients = dict(coefficients)
+        self.weight_grad = None
+        if head.requires_grad:
+            self.weight_grad = torch.zeros(head.shape, dtype=acc_dtype, device=head.device)  # (V, H)
+        self.bias_grad = None
+        if bias is not None and bias.requires_grad:
+            self.bias_grad = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)  # (V,)
+        self.used: list[str] = []
+        self.attached = False
+
+    def slot(self, name: str) -> HeadGradSlot:
+        """Term ``name``'s slot (its coefficient); each name once, before `attach`."""
+        if self.attached:
+            raise ValueError(f"slot {name!r} after attach: the head's gradient is final")
+        if name in self.used or name not in self.coefficients:
+            raise ValueError(f"slot {name!r}: taken already or not among {sorted(self.coefficients)}")
+        self.used.append(name)
+        return HeadGradSlot(self.weight_grad, self.bias_grad, self.coefficients[name], self.head)
+
+    def attach(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``sums`` with the slotted terms routed through the node that hands the head its gradient."""
+        self.attached = True
+        if not self.used or not torch.is_grad_enabled() or self.weight_grad is self.bias_grad is None:
+            return sums
+        outs = _SharedHeadGradNode.apply(self, self.head, self.bias, *(sums[k] for k in self.used))
+        return {**sums, **dict(zip(self.used, outs))}
+
+
+class _SharedHeadGradNode(torch.autograd.Function):
+    """Identity on the term sums; backward: the head's gradient ``c * buffer`` after checking ``g_k = c c_k``."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, sink: SharedHeadGrad, head: Tensor, bias: Tensor | None, *sums: Tensor
+    ) -> tuple[Tensor, ...]:
+        grad_w = None if sink.weight_grad is None else sink.weight_grad.to(head.dtype)  # held in the head's dtype
+        grad_b = None if sink.bias_grad is None else sink.bias_grad.to(bias.dtype)
+        sink.weight_grad = sink.bias_grad = None  # the final gradient: drop the accumulator
+        ctx.save_for_backward(grad_w, grad_b)
+        ctx.names, ctx.coefficients = list(sink.used), [sink.coefficients[k] for k in sink.used]
+        return tuple(x.clone() for x in sums)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        got = torch.stack([g.detach().to(torch.float64) for g in grads]).tolist()  # one sync per step
+        coef = ctx.coefficients
+        ref = max(range(len(coef)), key=lambda k: coef[k])
+        factor = got[ref] / coef[ref]
+        if any(abs(g - factor * c) > 1e-3 * abs(factor * c) for g, c in zip(got, coef)):
+            raise RuntimeError(
+                f"The shared head gradient holds sum_k c_k dS_k/dW for c = {dict(zip(ctx.names, coef))}, but the "
+                f"term sums reached the backward with gradients {dict(zip(ctx.names, got))}, not one multiple of "
+                "c: compute the terms without coefficients (one head gradient per term) to combine them otherwise")
+        grad_w, grad_b = ctx.saved_tensors
+        return (None, None if grad_w is None else grad_w * factor, None if grad_b is None else grad_b * factor,
+                *grads)
 
 
 def _linear_loss(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_loss: ChunkLoss, chunk_size: int
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    chunk_loss: ChunkLoss,
+    chunk_size: int,
+    chunk_elements: int,
+    head_grad: HeadGradSlot | None = None,
 ) -> Tensor:
-    """Dispatch: the fused autograd.Function when a gradient is needed, a no-grad loop otherwise."""
+    """Dispatch: the fused autograd.Function when a gradient is needed, a no-grad loop otherwise.
+
+    ``chunk_size`` caps the rows of a chunk, ``chunk_elements`` its logits elements (`chunk_rows`);
+    ``head_grad``: add the head's gradient there (`SharedHeadGrad`) instead of holding one."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if chunk_elements <= 0:
+        raise ValueError(f"chunk_elements must be > 0, got {chunk_elements}")
+    chunk_size = chunk_rows(weight.shape[0], chunk_size, chunk_elements)
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return _FusedLinearLoss.apply(hidden, weight, bias, chunk_loss, chunk_size)
+        if head_grad is not None and weight.data_ptr() != head_grad.head.data_ptr():
+            raise ValueError("head_grad belongs to another head: a term's head must be the SharedHeadGrad's (rows)")
+        return _FusedLinearLoss.apply(hidden, weight, bias, chunk_loss, chunk_size, head_grad)
     with torch.no_grad():
         return _linear_chunks(hidden, weight, bias, chunk_loss, chunk_size, (False, False, False))[0]
 
@@ -148,8 +282,10 @@ def chunked_divergence(
     *,
     vocab_size: int,
     chunk_size: int = 1024,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    head_grad: HeadGradSlot | None = None,
     **div_kw: float,
 ) -> Tensor:
     """Weighted SUM of per-position divergences, sum_i w_i D(T_i || S_i), without full logits.
@@ -159,7 +295,8 @@ def chunked_divergence(
     candidate positions). Equal to
     ``(weights * token_divergence(s[:, :vocab_size], t[:, :vocab_size], kind, **div_kw)).sum()`` with
     ``s = student_hidden @ student_head.T + student_bias`` and ``t`` likewise for the teacher, but only
-    ``[chunk_size, vocab_size]`` logits exist at a time, in forward and in backward.
+    ``[c, vocab_size]`` logits exist at a time, in forward and in backward (``c = chunk_rows(vocab_size,
+    chunk_size, chunk_elements)``).
 
     Args:
         student_hidden: ``[N, Hs]`` final (post-norm) hidden states of the student.
@@ -169,9 +306,12 @@ def chunked_divergence(
         weights: ``[N]`` per-position weights, constant; rows with weight 0 are skipped.
         kind: one of ``DIVERGENCES``; ``div_kw``: ``temperature``, ``beta``, ``alpha`` of token_divergence.
         vocab_size: the shared tokenizer's vocabulary size; both heads are sliced to it.
-        chunk_size: positions per chunk. Peak extra memory is about six fp32 ``[chunk_size, vocab_size]``
-            blocks (0.6 GB each at 1024 x 152k) plus a head-sized fp32 gradient accumulator.
+        chunk_size: positions per chunk at most.
+        chunk_elements: logits elements per chunk at most (default 16M: 110 rows at V = 151936). Peak extra
+            memory is about six fp32 ``[c, vocab_size]`` blocks (64 MB each by default) plus a head-sized fp32
+            gradient accumulator.
         student_bias, teacher_bias: optional lm_head biases ``[Vs]``, ``[Vt]`` (None for Qwen).
+        head_grad: a `SharedHeadGrad` slot of ``student_head``: its gradient goes there, not through this sum.
 
     Returns:
         A 0-dim tensor in >= float32: the SUM over positions (not a mean; the trainer divides by the
@@ -203,7 +343,8 @@ def chunked_divergence(
         div = token_divergence(s_logits, t_logits, kind, **div_kw)  # (c,)
         return (weights[start:end].to(div.dtype) * div).sum()
 
-    return _linear_loss(student_hidden, student_head[:vocab_size], s_bias, chunk_loss, chunk_size)
+    return _linear_loss(student_hidden, student_head[:vocab_size], s_bias, chunk_loss, chunk_size, chunk_elements,
+                        head_grad)
 
 
 def chunked_cross_entropy(
@@ -213,7 +354,9 @@ def chunked_cross_entropy(
     weights: Tensor | None = None,
     *,
     chunk_size: int = 1024,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     bias: Tensor | None = None,
+    head_grad: HeadGradSlot | None = None,
 ) -> Tensor:
     """Weighted SUM of next-token cross-entropies, sum_i w_i CE(hidden_i W^T, targets_i): L_sft of Eq. 8.
 
@@ -223,8 +366,10 @@ def chunked_cross_entropy(
         targets: ``[N]`` token ids already shifted (``targets[i]`` is predicted from ``hidden[i]``);
             ``IGNORE_INDEX`` (-100) rows contribute 0 and are skipped.
         weights: ``[N]`` constant per-position weights, or None for all ones; weight-0 rows are skipped.
-        chunk_size: positions per chunk; only ``[chunk_size, V]`` logits exist at a time.
+        chunk_size, chunk_elements: at most so many positions and so many logits elements per chunk; only
+            ``[c, V]`` logits exist at a time (``c = chunk_rows(V, chunk_size, chunk_elements)``).
         bias: optional lm_head bias ``[V]``.
+        head_grad: a `SharedHeadGrad` slot of ``head``: its gradient goes there, not through this sum.
 
     Returns:
         A 0-dim tensor in >= float32: the SUM over positions (not a mean; the trainer divides by the
@@ -250,4 +395,4 @@ def chunked_cross_entropy(
         ce = F.cross_entropy(logits, targets[start:end], reduction="none")  # (c,)
         return ce.sum() if weights is None else (weights[start:end].to(ce.dtype) * ce).sum()
 
-    return _linear_loss(hidden, head, bias, chunk_loss, chunk_size)
+    return _linear_loss(hidden, head, bias, chunk_loss, chunk_size, chunk_elements, head_grad)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from aligntI_patch.attention_hook import capture_attention
+from aligntI_patch.chunked_losses import DEFAULT_CHUNK_ELEMENTS, SharedHeadGrad, chunk_rows
 from aligntI_patch.iva import importance_from_attention, iva_weights
 from aligntI_patch.layout import batch_layout, embed
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
@@ -86,24 +87,38 @@ class StepForward:
 
 def loss_term_sums(fwd: StepForward, student_head: torch.Tensor, teacher_head: torch.Tensor | None,
                    enabled: set[str], kind: str, vocab_size: int, chunk_size: int, iva_weight_source: str,
-                   iva_normalize: bool, **div_kw) -> dict[str, torch.Tensor]:
+                   iva_normalize: bool, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                   coefficients: dict[str, float] | None = None, **div_kw) -> dict[str, torch.Tensor]:
     """Token sums of the enabled terms of Eq. 8 from a step's forwards and the two lm_head weights (full, not
-    ZeRO-3 shards): L_sft, L_kd (Eq. 2), L_iva (Eq. 3), L_tpa (Eq. 7). The trainer divides them by global counts."""
+    ZeRO-3 shards): L_sft, L_kd (Eq. 2), L_iva (Eq. 3), L_tpa (Eq. 7). The trainer divides them by global counts.
+    Logits are built in chunks of at most `chunk_size` rows and `chunk_elements` elements.
+
+    `coefficients` (each enabled term's factor in the step's total: weight / global count) give the terms one
+    shared head gradient instead of one each (`chunked_losses.SharedHeadGrad`); the sums must then reach the
+    backward as a multiple of sum_k coefficients[k] * sums[k] (anything else raises there)."""
     s, t = fwd.student_hidden, fwd.teacher_hidden
-    common = {"kind": kind, "vocab_size": vocab_size, "chunk_size": chunk_size, **div_kw}
+    sink = None
+    if coefficients is not None and torch.is_grad_enabled() and student_head.requires_grad:
+        sink = SharedHeadGrad(student_head, None, {k: coefficients[k] for k in enabled})
+
+    def opts(name: str) -> dict:  # chunking and, with a shared head gradient, the term's slot in it
+        return {"chunk_size": chunk_size, "chunk_elements": chunk_elements,
+                "head_grad": None if sink is None else sink.slot(name)}
+
+    common = {"kind": kind, "vocab_size": vocab_size, **div_kw}
     sums = {}
     if "sft" in enabled:  # zero on an on-policy batch (unless --on_policy_sft): GKD trains no SFT there
-        sums["sft"] = sft_loss(s, student_head, fwd.labels, chunk_size) if fwd.sft else s.new_zeros(())
+        sums["sft"] = sft_loss(s, student_head, fwd.labels, **opts("sft")) if fwd.sft else s.new_zeros(())
     if "kd" in enabled:
-        sums["kd"] = kd_loss(s, student_head, t, teacher_head, fwd.labels, **common)
+        sums["kd"] = kd_loss(s, student_head, t, teacher_head, fwd.labels, **common, **opts("kd"))
     if "iva" in enabled:
         weights = iva_weights(fwd.alpha, fwd.token_types, iva_weight_source, iva_normalize)
-        sums["iva"] = iva_loss(s, student_head, t, teacher_head, weights, **common)
+        sums["iva"] = iva_loss(s, student_head, t, teacher_head, weights, **common, **opts("iva"))
     if "tpa" in enabled:
         p = fwd.tpa
         sums["tpa"] = tpa_loss(p.rows, p.student_gt, p.student_cand, p.teacher_gt, p.teacher_cand, student_head,
-                               teacher_head, **common)
-    return sums
+                               teacher_head, **common, **opts("tpa"))
+    return sums if sink is None else sink.attach(sums)
 
 
 class AlignTITrainer(LLaVATrainer):
@@ -117,7 +132,8 @@ class AlignTITrainer(LLaVATrainer):
         self.weights = {"sft": a.w_sft, "kd": a.w_kd, "iva": a.w_iva, "tpa": a.w_tpa}
         self.enabled = {k for k in TERMS if self.weights[k] > 0}
         self.tpa_cfg = TPAConfig(d=a.tpa_num_samples, strategy=a.tpa_sampling, top_p=a.tpa_top_p,
-                                 temperature=a.tpa_temperature, dedupe=a.tpa_dedupe, chunk_size=a.loss_chunk_size,
+                                 temperature=a.tpa_temperature, dedupe=a.tpa_dedupe,
+                                 chunk_size=chunk_rows(vocab_size, a.loss_chunk_size, a.loss_chunk_elements),
                                  vocab_size=vocab_size)
         # the student's logits live on the training device (HF or DeepSpeed moves the model there)
         self.generator = sampling_generator(a.device, a.seed)
@@ -185,8 +201,11 @@ class AlignTITrainer(LLaVATrainer):
         """Eq. 8: the weighted sum of the enabled terms, each normalised by its global count."""
         self.pop_skipped(inputs)
         student = self.accelerator.unwrap_model(model)
-        sums = through_wrapper(model, student, functools.partial(self.term_sums, student), inputs)
         scale = {"sft": "sft", "kd": "response", "tpa": "response", "iva": "images"}
+        # each term's factor in `total`, known now: the terms share one lm_head gradient (loss_term_sums)
+        coefficients = {k: self.weights[k] / self.global_counts[scale[k]] for k in self.enabled}
+        term_sums = functools.partial(self.term_sums, student, coefficients=coefficients)
+        sums = through_wrapper(model, student, term_sums, inputs)
         terms = {k: v / self.global_counts[scale[k]] for k, v in sums.items()}
         total = sum(self.weights[k] * terms[k] for k in terms)
         if self.log_sums is None:  # first micro-batch since the last log (or since the start / the resume)
@@ -198,15 +217,18 @@ class AlignTITrainer(LLaVATrainer):
             total = total * self.args.world_size  # data parallelism averages gradients; counts are global
         return (total, None) if return_outputs else total
 
-    def term_sums(self, student: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
-        """Token sums of every enabled term for one micro-batch: the step's forwards, then the pure terms."""
+    def term_sums(self, student: nn.Module, inputs: dict,
+                  coefficients: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+        """Token sums of every enabled term for one micro-batch: the step's forwards, then the pure terms
+        (`coefficients`: see `loss_term_sums`)."""
         a = self.args
         fwd = self.step_forward(student, inputs)
         s_head = student.get_output_embeddings().weight
         t_head = self.teacher.get_output_embeddings().weight if fwd.teacher_hidden is not None else None
         with gathered(s_head, t_head):  # ZeRO-3: the teacher's head is read directly (the student's is held)
             return loss_term_sums(fwd, s_head, t_head, self.enabled, a.divergence, self.vocab_size,
-                                  a.loss_chunk_size, a.iva_weight_source, a.iva_normalize, **a.divergence_kwargs)
+                                  a.loss_chunk_size, a.iva_weight_source, a.iva_normalize, a.loss_chunk_elements,
+                                  coefficients, **a.divergence_kwargs)
 
     def step_forward(self, student: nn.Module, inputs: dict) -> StepForward:
         """Every forward of one micro-batch: both models' ground-truth passes on one layout, TPA's candidate rows,

@@ -5,6 +5,8 @@ Three ways to compute sum_i w_i D(T_i || S_i) (or the SFT cross-entropy) from hi
   fused       aligntI_patch.chunked_losses (gradients computed chunk by chunk in the forward pass);
   checkpoint  torch.utils.checkpoint per chunk (the chunk's logits, teacher's included, recomputed in
               the backward pass).
+Both chunked variants use the rows per chunk the losses use: at most --chunk-size rows and at most
+--chunk-elements logits elements (`chunk_rows`: 110 rows at V = 151936 with the defaults).
 
 Peak memory is the extra memory a step needs above its inputs: on CUDA from
 torch.cuda.max_memory_allocated, on CPU from the peak resident set size (ru_maxrss) of a fresh process per
@@ -27,7 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from aligntI_patch.chunked_losses import chunked_cross_entropy, chunked_divergence
+from aligntI_patch.chunked_losses import (
+    DEFAULT_CHUNK_ELEMENTS,
+    chunk_rows,
+    chunked_cross_entropy,
+    chunked_divergence,
+)
 from aligntI_patch.divergences import DIVERGENCES, token_divergence
 
 VARIANTS = ("plain", "fused", "checkpoint")
@@ -56,13 +63,16 @@ def _inputs(n: int, v: int, args: argparse.Namespace) -> dict:
 
 def _step_fn(variant: str, x: dict, v: int, args: argparse.Namespace) -> Callable[[], None]:
     """One forward + backward of the chosen loss, as a closure over the inputs."""
+    rows = chunk_rows(v, args.chunk_size, args.chunk_elements)  # what the fused losses use at this V
     if args.loss == "ce":
 
         def chunk_value(h: torch.Tensor, start: int, end: int) -> torch.Tensor:
             return F.cross_entropy((h @ x["sw"].t()).float(), x["targets"][start:end], reduction="sum")
 
         def fused() -> torch.Tensor:
-            return chunked_cross_entropy(x["sh"], x["sw"], x["targets"], chunk_size=args.chunk_size)
+            return chunked_cross_entropy(
+                x["sh"], x["sw"], x["targets"], chunk_size=args.chunk_size, chunk_elements=args.chunk_elements
+            )
     else:
 
         def chunk_value(h: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -81,6 +91,7 @@ def _step_fn(variant: str, x: dict, v: int, args: argparse.Namespace) -> Callabl
                 args.loss,
                 vocab_size=v,
                 chunk_size=args.chunk_size,
+                chunk_elements=args.chunk_elements,
             )
 
     n = x["sh"].shape[0]
@@ -93,12 +104,12 @@ def _step_fn(variant: str, x: dict, v: int, args: argparse.Namespace) -> Callabl
         return sum(
             checkpoint(
                 chunk_value,
-                x["sh"][s : s + args.chunk_size],
+                x["sh"][s : s + rows],
                 s,
-                min(s + args.chunk_size, n),
+                min(s + rows, n),
                 use_reentrant=False,
             )
-            for s in range(0, n, args.chunk_size)
+            for s in range(0, n, rows)
         )
 
     def step() -> None:
@@ -160,7 +171,13 @@ def main() -> None:
         "--teacher-hidden", type=int, default=896, help="teacher hidden size (Qwen2-7B: 3584)"
     )
     parser.add_argument("--loss", default="fkl", choices=[*DIVERGENCES, "ce"], help="divergence kind or ce")
-    parser.add_argument("--chunk-size", type=int, default=256, help="positions per chunk")
+    parser.add_argument("--chunk-size", type=int, default=256, help="positions per chunk at most")
+    parser.add_argument(
+        "--chunk-elements",
+        type=int,
+        default=DEFAULT_CHUNK_ELEMENTS,
+        help="logits elements per chunk at most (the losses' default: 16M, a 64 MB fp32 block)",
+    )
     parser.add_argument("--dtype", help="hidden/head dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--repeats", type=int, help="timed steps, median reported (default: 1 CPU, 5 CUDA)")
     args = parser.parse_args()
@@ -176,10 +193,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(
         f"device {device}, loss {args.loss}, dtype {args.dtype}, H {args.hidden}, teacher H "
-        f"{args.teacher_hidden}, chunk {args.chunk_size}, repeats {args.repeats}, torch {torch.__version__}"
+        f"{args.teacher_hidden}, chunk {args.chunk_size} rows / {args.chunk_elements} elements, repeats "
+        f"{args.repeats}, torch {torch.__version__}"
     )
     print(
-        f"{'N':>6} {'V':>7} {'fp32 [N,V] MB':>13} | {'variant':>10} {'ms/step':>9} {'time x':>7} "
+        f"{'N':>6} {'V':>7} {'rows':>5} {'fp32 [N,V] MB':>13} | {'variant':>10} {'ms/step':>9} {'time x':>7} "
         f"{'peak MB':>9} {'mem x':>6}"
     )
     for n in args.n:
@@ -188,7 +206,8 @@ def main() -> None:
             t0, m0 = results["plain"]
             for variant, (t, m) in results.items():
                 print(
-                    f"{n:>6} {v:>7} {n * v * 4 / 2**20:>13.0f} | {variant:>10} {t * 1e3:>9.1f} {t / t0:>7.2f} "
+                    f"{n:>6} {v:>7} {chunk_rows(v, args.chunk_size, args.chunk_elements):>5} "
+                    f"{n * v * 4 / 2**20:>13.0f} | {variant:>10} {t * 1e3:>9.1f} {t / t0:>7.2f} "
                     f"{m / 2**20:>9.0f} {m / max(m0, 1.0):>6.2f}"
                 )
 

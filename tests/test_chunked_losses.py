@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aligntI_patch.chunked_losses import chunked_cross_entropy, chunked_divergence
+from aligntI_patch.chunked_losses import (
+    DEFAULT_CHUNK_ELEMENTS,
+    HeadGradSlot,
+    SharedHeadGrad,
+    chunk_rows,
+    chunked_cross_entropy,
+    chunked_divergence,
+)
 from aligntI_patch.divergences import DIVERGENCES, align_vocab, token_divergence
 from llava.constants import IGNORE_INDEX
 
@@ -158,7 +165,48 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_no_full_logits_in_forward_or_backward() -> None:
+def test_chunk_rows_from_the_element_budget() -> None:
+    assert DEFAULT_CHUNK_ELEMENTS == 16_777_216  # a 64 MB fp32 [rows, V] block
+    assert chunk_rows(151936, 1024) == 110  # Qwen's vocabulary: the budget binds
+    assert chunk_rows(32000, 1024) == 524
+    assert chunk_rows(32000, 100) == 100  # the row cap binds
+    assert chunk_rows(10**9, 1024) == 1  # a vocabulary above the budget: still one row
+    assert chunk_rows(37, 1024, 1) == 1
+    assert chunk_rows(37, 1024, 36) == 1
+    assert chunk_rows(37, 1024, 37 * 3 + 36) == 3  # floor
+    assert chunk_rows(37, 2, 37 * 3) == 2
+    for bad in ((0, 4, 4), (4, 0, 4), (4, 4, 0)):
+        with pytest.raises(ValueError, match="chunk_rows"):
+            chunk_rows(*bad)
+
+
+# (chunk_size, chunk_elements) -> rows per chunk at VOCAB 37 (divergence) and VS 40 (cross-entropy)
+BUDGETS = ((1024, 1), (1024, 2 * VS + 3), (3, 10**6), (1024, 10**6))  # 1 row, 2, 3, all 13 in one chunk
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_element_budget_many_chunks_equal_one_chunk_and_plain(kind: str) -> None:
+    for dtype in (torch.float64, torch.float32):
+        p = _problem(dtype, seed=9, bias=True)
+        for chunk_size, elements in BUDGETS:
+            got = chunked_divergence(**p, kind=kind, vocab_size=VOCAB, chunk_size=chunk_size,
+                                     chunk_elements=elements)
+            _assert_value_and_grads(got, _plain_divergence(p, kind), p, dtype)
+
+        h, w, b, targets, weights = _ce_problem(dtype, seed=9)
+        ce = F.cross_entropy(F.linear(h, w, b), targets, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
+        ref = (weights * ce).sum()
+        ref_grads = torch.autograd.grad(ref, (h, w, b))
+        for chunk_size, elements in BUDGETS:
+            got = chunked_cross_entropy(h, w, targets, weights, chunk_size=chunk_size, chunk_elements=elements,
+                                        bias=b)
+            torch.testing.assert_close(got, ref, **_tol(dtype))
+            for g, r in zip(torch.autograd.grad(got, (h, w, b)), ref_grads):
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=_tol(dtype)["atol"] * r.abs().max().item())
+
+
+@pytest.mark.parametrize(("chunk_size", "chunk_elements"), [(8, DEFAULT_CHUNK_ELEMENTS), (1024, 8 * VS)])
+def test_no_full_logits_in_forward_or_backward(chunk_size: int, chunk_elements: int) -> None:
     n, chunk = 64, 8  # N * V (64 * 37) is far above chunk * V, N * H and V * H
     gen = torch.Generator().manual_seed(8)
     h = torch.randn(n, HS, generator=gen, requires_grad=True)
@@ -169,8 +217,9 @@ def test_no_full_logits_in_forward_or_backward() -> None:
     assert bound < n * VOCAB
 
     with _LargestTensor() as probe:
-        chunked_divergence(h, w, th, tw, torch.ones(n), "jsd", vocab_size=VOCAB, chunk_size=chunk).backward()
-        chunked_cross_entropy(h, w, targets, chunk_size=chunk).backward()
+        chunked_divergence(h, w, th, tw, torch.ones(n), "jsd", vocab_size=VOCAB, chunk_size=chunk_size,
+                           chunk_elements=chunk_elements).backward()  # 8 rows: 320 // 37
+        chunked_cross_entropy(h, w, targets, chunk_size=chunk_size, chunk_elements=chunk_elements).backward()
     assert probe.numel <= bound
 
     plain = torch.log_softmax(h @ w.t(), dim=-1).sum()  # full logits (n, VS), built outside the probe
@@ -189,6 +238,8 @@ def test_chunked_divergence_errors() -> None:
         chunked_divergence(**p, kind="jsd", vocab_size=VOCAB, beta=2.0)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_divergence(**p, kind="fkl", vocab_size=VOCAB, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_elements"):
+        chunked_divergence(**p, kind="fkl", vocab_size=VOCAB, chunk_elements=0)
     with pytest.raises(ValueError, match="weights are constants"):
         chunked_divergence(
             **{**p, "weights": p["weights"].clone().requires_grad_(True)}, kind="fkl", vocab_size=VOCAB
@@ -235,3 +286,154 @@ def test_chunked_cross_entropy_all_ignored_and_errors() -> None:
         chunked_cross_entropy(h, w, targets[:4])
     with pytest.raises(ValueError, match="weights"):
         chunked_cross_entropy(h, w, targets, torch.ones(4))
+
+
+# -- one head gradient for several terms (SharedHeadGrad) ---------------------------------------------------------
+
+
+def _three_terms(p: dict, targets: torch.Tensor, sink: SharedHeadGrad | None, budget: int = 10**6) -> dict:
+    """A cross-entropy over the full head and two divergences over its first VOCAB rows, on one student."""
+    def slot(name: str) -> HeadGradSlot | None:
+        return None if sink is None else sink.slot(name)
+
+    h, w, b = p["student_hidden"], p["student_head"], p["student_bias"]
+    div = {k: p[k] for k in ("teacher_hidden", "teacher_head", "teacher_bias")}
+    return {
+        "sft": chunked_cross_entropy(h, w, targets, chunk_elements=budget, bias=b, head_grad=slot("sft")),
+        "kd": chunked_divergence(h, w, weights=p["weights"], kind="fkl", vocab_size=VOCAB, chunk_elements=budget,
+                                 student_bias=b, head_grad=slot("kd"), **div),
+        "iva": chunked_divergence(h[:7], w, weights=p["weights"][:7], kind="jsd", vocab_size=VOCAB,
+                                  chunk_elements=budget, student_bias=b, head_grad=slot("iva"),
+                                  **{**div, "teacher_hidden": p["teacher_hidden"][:7]}),
+    }
+
+
+def _saved_head_sized(total: torch.Tensor) -> int:
+    """Head-sized tensors ([>= VOCAB, HS]: the head or its first VOCAB rows) that the custom autograd nodes of
+    ``total``'s graph hold until the backward."""
+    seen, stack, count = set(), [total.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.endswith("Backward") and hasattr(node, "saved_tensors"):
+            count += sum(t is not None and t.dim() == 2 and t.shape[0] >= VOCAB for t in node.saved_tensors)
+        stack.extend(n for n, _ in node.next_functions)
+    return count
+
+
+COEF = {"sft": 0.3, "kd": 1.7, "iva": 0.05}
+
+
+@pytest.mark.parametrize("budget", [VS, 10**6])  # one row per chunk, one chunk
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shared_head_gradient_equals_one_per_term(dtype: torch.dtype, budget: int) -> None:
+    p = _problem(dtype, seed=10, bias=True)
+    targets = torch.randint(0, VS, (N,), generator=torch.Generator().manual_seed(10))
+    params = _student_params(p)
+    ref = _three_terms(p, targets, None, budget)
+    sink = SharedHeadGrad(p["student_head"], p["student_bias"], COEF)
+    got = _three_terms(p, targets, sink, budget)
+    got = sink.attach(got)
+    for k in COEF:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)  # the same sums
+    # the head's gradient is held once, not once per term
+    assert _saved_head_sized(sum(got.values())) == 1
+    assert _saved_head_sized(sum(ref.values())) == 3
+    # any multiple of sum_k c_k S_k (loss scaling, world size), with the trainer's division by counts
+    total = 4.0 * sum(c * got[k] for k, c in COEF.items())
+    want = 4.0 * sum(c * ref[k] for k, c in COEF.items())
+    for _ in range(2):  # the graph can be reused
+        for g, r in zip(torch.autograd.grad(total, params, retain_graph=True),
+                        torch.autograd.grad(want, params, retain_graph=True)):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=_tol(dtype)["atol"] * r.abs().max().item())
+
+
+def test_shared_head_gradient_refuses_other_combinations() -> None:
+    p = _problem(torch.float64, seed=11)
+    targets = torch.randint(0, VS, (N,), generator=torch.Generator().manual_seed(11))
+    for combine in (lambda s: sum(s.values()), lambda s: s["kd"], lambda s: COEF["kd"] * s["kd"] + s["sft"]):
+        sink = SharedHeadGrad(p["student_head"], None, COEF)
+        got = sink.attach(_three_terms(p, targets, sink))
+        with pytest.raises(RuntimeError, match="not one multiple"):
+            torch.autograd.grad(combine(got), _student_params(p))
+
+
+def test_shared_head_gradient_contract() -> None:
+    p = _problem(torch.float64, seed=12)
+    with pytest.raises(ValueError, match="positive and finite"):
+        SharedHeadGrad(p["student_head"], None, {"kd": 0.0})
+    sink = SharedHeadGrad(p["student_head"], None, COEF)
+    sink.slot("kd")
+    with pytest.raises(ValueError, match="taken already"):
+        sink.slot("kd")
+    with pytest.raises(ValueError, match="not among"):
+        sink.slot("tpa")
+    late = SharedHeadGrad(p["student_head"], None, COEF)
+    late.attach({})
+    with pytest.raises(ValueError, match="after attach"):
+        late.slot("iva")
+    other = SharedHeadGrad(p["student_head"].detach().clone().requires_grad_(True), None, COEF)
+    with pytest.raises(ValueError, match="another head"):
+        chunked_divergence(**p, kind="fkl", vocab_size=VOCAB, head_grad=other.slot("kd"))
+    # a frozen head: no buffer, each term's hidden-state gradient as without the sink
+    frozen = {**p, "student_head": p["student_head"].detach()}
+    sink = SharedHeadGrad(frozen["student_head"], None, COEF)
+    got = sink.attach({"kd": chunked_divergence(**frozen, kind="fkl", vocab_size=VOCAB, head_grad=sink.slot("kd"))})
+    ref = chunked_divergence(**frozen, kind="fkl", vocab_size=VOCAB)
+    (g,) = torch.autograd.grad(got["kd"], frozen["student_hidden"])
+    (r,) = torch.autograd.grad(ref, frozen["student_hidden"])
+    torch.testing.assert_close(g, r)
+
+
+def _step_forward(dtype: torch.dtype = torch.float64):  # noqa: ANN202
+    """A synthetic StepForward with all four terms: B=2, T=10 (4 visual, 2 instruction, 3 response positions)."""
+    from aligntI_patch.candidates import CandidateRows
+    from aligntI_patch.tpa import TPAForward
+    from aligntI_patch.trainer import StepForward
+    from llava.constants import TokenType
+
+    gen = torch.Generator().manual_seed(13)
+    B, T, M = 2, 10, 3
+    types = torch.full((B, T), TokenType.TEMPLATE)
+    types[:, 1:5], types[:, 5:7], types[:, 7:] = TokenType.VISUAL, TokenType.INSTRUCTION, TokenType.RESPONSE
+    labels = torch.where(types == TokenType.RESPONSE, torch.randint(0, VOCAB, (B, T), generator=gen), IGNORE_INDEX)
+    rows = CandidateRows(pos=torch.tensor([[8, 9, -1], [8, 8, 9]]), ids=torch.randint(0, VOCAB, (B, M), generator=gen),
+                         weight=torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 1.0]]), gt_weight=torch.zeros(B, T))
+    rows.gt_weight[0, 8] = 0.5
+    s = torch.randn(B, T, HS, generator=gen, dtype=dtype, requires_grad=True)
+    t = torch.randn(B, T, HT, generator=gen, dtype=dtype)
+    s_cand = torch.randn(B, M, HS, generator=gen, dtype=dtype, requires_grad=True)
+    tpa = TPAForward(rows, s, s_cand, t, torch.randn(B, M, HT, generator=gen, dtype=dtype))
+    head = torch.randn(VS, HS, generator=gen, dtype=dtype, requires_grad=True)
+    t_head = torch.randn(VT, HT, generator=gen, dtype=dtype)
+    return StepForward(labels, types, s, t, None, tpa, True), head, t_head
+
+
+def test_loss_term_sums_with_coefficients_shares_the_head_gradient() -> None:
+    from aligntI_patch.trainer import loss_term_sums
+
+    fwd, head, t_head = _step_forward()
+    enabled = {"sft", "kd", "iva", "tpa"}
+    coef = {"sft": 0.5 / 6, "kd": 1.0 / 6, "iva": 0.7 / 2, "tpa": 0.9 / 6}  # weight / global count
+    params = [fwd.student_hidden, fwd.tpa.student_cand, head]
+
+    def sums(coefficients: dict | None, elements: int) -> dict:
+        return loss_term_sums(fwd, head, t_head, enabled, "fkl", VOCAB, 1024, "uniform", False, elements,
+                              coefficients, temperature=1.0)
+
+    ref = sums(None, 10**6)
+    want = torch.autograd.grad(sum(c * ref[k] for k, c in coef.items()), params)
+    for elements in (1, 10**6):  # one row per chunk, one chunk
+        got = sums(coef, elements)
+        assert set(got) == enabled
+        for k in enabled:
+            assert float(ref[k].detach()) > 0, k
+            torch.testing.assert_close(got[k], ref[k], msg=k)
+        assert _saved_head_sized(sum(got.values())) == 1  # one head gradient held, not four
+        for g, r in zip(torch.autograd.grad(2.0 * sum(c * got[k] for k, c in coef.items()), params), want):
+            torch.testing.assert_close(g, 2.0 * r)
+    got = sums(coef, 10**6)
+    with pytest.raises(RuntimeError, match="not one multiple"):
+        torch.autograd.grad(sum(got.values()), params)
