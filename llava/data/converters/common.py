@@ -46,6 +46,15 @@ class Item:
         return f"{path}, record {self.index}{line}"
 
 
+def json_object(item: Item) -> dict:
+    """The item's record as a JSON object; raises Skip for a line that does not parse or is not an object."""
+    if item.error:
+        raise Skip("invalid_json", item.error)
+    if not isinstance(item.record, dict):
+        raise Skip("malformed", f"record is a {type(item.record).__name__}, not a JSON object")
+    return item.record
+
+
 def input_format(path: str, fmt: str = "auto") -> str:
     """json | jsonl | csv | tsv, from `fmt` or the file's extension."""
     if fmt != "auto":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.data.converters.common import ImagePaths, Item, Report, Skip
+from llava.data.converters.common import ImagePaths, Item, Report, Skip, json_object
 from llava.train.data import BadSample, image_path, turn_values
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
@@ -101,11 +101,7 @@ def image_folder_of(path: str, folders=SHAREGPT4V_FOLDERS) -> str:
 def normalise_record(item: Item, paths: ImagePaths, report: Report, stem: str,
                      count_folders: bool = False) -> dict:
     """One LLaVA / ShareGPT-style record -> a checked LLaVA record; raises Skip."""
-    record = item.record
-    if item.error:
-        raise Skip("invalid_json", item.error)
-    if not isinstance(record, dict):
-        raise Skip("malformed", f"record is a {type(record).__name__}, not a JSON object")
+    record = json_object(item)
     fixes = report.fixes
     image = record.get("image")
     if isinstance(image, list):

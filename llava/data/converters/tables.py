@@ -30,6 +30,7 @@ from llava.data.converters.common import (
     Report,
     Skip,
     input_format,
+    json_object,
     json_value_items,
     load_json,
     read_items,
@@ -97,11 +98,7 @@ class VQAConverter:
 
     def convert(self, item: Item) -> list[dict]:
         """Records ready to write after this row (none while a group waits for more questions)."""
-        if item.error:
-            raise Skip("invalid_json", item.error)
-        row = item.record
-        if not isinstance(row, dict):
-            raise Skip("malformed", f"row is a {type(row).__name__}, not an object")
+        row = json_object(item)
         question = text_field(row, self.question_key, "question")
         if self.answer_key not in row:
             raise Skip("missing_field", f"no answer column {self.answer_key!r}")
@@ -173,11 +170,7 @@ class CaptionConverter:
         self.prompts, self.seed = list(prompts), seed
 
     def convert(self, item: Item) -> list[dict]:
-        if item.error:
-            raise Skip("invalid_json", item.error)
-        row = item.record
-        if not isinstance(row, dict):
-            raise Skip("malformed", f"row is a {type(row).__name__}, not an object")
+        row = json_object(item)
         if self.caption_key not in row:
             raise Skip("missing_field", f"no caption column {self.caption_key!r}")
         value = row[self.caption_key]
