@@ -69,7 +69,8 @@ def _script_hyperparameters() -> dict[str, str]:
     tiny = text[text.index('if [ -z "${MODEL:-}" ]'):text.index("else")]
     defaults = {k: v for k, v in re.findall(r'(\w+)="\$\{\1:-([^}]*)\}"', tiny) if "$" not in v}
     stage = re.search(r"STAGE_ARGS=\(([^)]*)\)", tiny).group(1)
-    launch = text[text.index("launch aligntI_patch.distill"):text.index('"${EXTRA[@]}"')].replace("\\\n", " ")
+    start = text.index("launch aligntI_patch.distill")  # the body of the script's distill(): flags up to "$@"
+    launch = text[start:text.index('"$@"', start)].replace("\\\n", " ")
     launch = re.sub(r'"\$\{(\w+):-([^}]*)\}"', lambda m: defaults.get(m.group(1), m.group(2)), launch)
     words = shlex.split(launch.replace('"${STAGE_ARGS[@]}"', stage))[2:]
     pairs = dict(zip(words[::2], words[1::2]))
