@@ -46,6 +46,8 @@ def test_grid_expansion_names_each_run_once():
     # budget and data_fraction set their own axis; --only keeps recipes
     budget = expand(build_grid("budget", 4), [0], epochs=1, only=("kd",))
     assert [c.id for c in budget] == [f"kd-ep{e}-seed0" for e in (1, 2, 3, 4, 6, 8)]
+    every = [c.id for c in expand(build_grid("budget", 4), [0], epochs=1)]  # cheapest budget first, all recipes
+    assert every[:4] == ["sft-ep1-seed0", "kd-ep1-seed0", "aligntI-ep1-seed0", "sft-ep2-seed0"]
     fractions = expand(build_grid("data_fraction", 4), [5], epochs=2, only=("sft",))
     assert [c.id for c in fractions] == ["sft-ep2-frac0.25-seed5", "sft-ep2-frac0.5-seed5", "sft-ep2-seed5"]
     # Table 7's depths: 0, 7, 14, 21, 27 of the paper's 28 layers; the tiny teacher's 4 give 0..3, plus auto

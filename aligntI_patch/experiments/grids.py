@@ -179,8 +179,8 @@ def _tpa_sampling() -> Grid:
 
 def _over(axis: str, values: tuple[float, ...], label) -> tuple[tuple[Variant, ...], tuple[Claim, ...]]:
     """sft, kd and aligntI at each value of `axis` (epochs or data_fraction), and the headline claims at each."""
-    variants = tuple(Variant(f"{r} {label(v)}", r, series=r, x=v, **{axis: v})
-                     for r in ("sft", "kd", "aligntI") for v in values)
+    variants = tuple(Variant(f"{r} {label(v)}", r, series=r, x=v, **{axis: v})  # value-major: a grid cut short
+                     for v in values for r in ("sft", "kd", "aligntI"))         # still compares the recipes
     claims = tuple(Claim(f"{a} {label(v)}", f"{b} {label(v)}", f"{a} > {b} (Table 15 at full budget)")
                    for v in values for a, b in (("aligntI", "kd"), ("kd", "sft"), ("aligntI", "sft")))
     return variants, claims
