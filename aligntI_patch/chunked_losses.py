@@ -50,6 +50,7 @@ from llava.constants import IGNORE_INDEX
 ChunkLoss = Callable[[Tensor, int, int], Tensor]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16,777,216 logits elements per chunk: a 64 MB fp32 [c, V] block
+MIN_STEP_CHUNK_ROWS = 64  # a step with few response rows still takes the other terms' rows 64 at a time
 
 
 def chunk_rows(vocab: int, max_rows: int, max_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -62,6 +63,21 @@ def chunk_rows(vocab: int, max_rows: int, max_elements: int = DEFAULT_CHUNK_ELEM
         raise ValueError(f"chunk_rows needs vocab, max_rows, max_elements >= 1, got {vocab}, {max_rows}, "
                          f"{max_elements}")
     return min(max_rows, max(1, max_elements // vocab))
+
+
+def step_chunk_rows(response_rows: int, vocab: int, max_rows: int,
+                    max_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Rows per chunk for every term of one step: `chunk_rows`, and no more than the step's response rows
+    (floor `MIN_STEP_CHUNK_ROWS`).
+
+    Vanilla KD forms its logits over the R response rows; IVA's N_v visual rows (729 per image) and TPA's
+    candidate rows would otherwise fill larger blocks, and the step's peak memory would be theirs. At the
+    real sizes a batch has more response rows than the element budget allows, and nothing changes.
+
+    >>> step_chunk_rows(64, 32000, 1024), step_chunk_rows(10, 32000, 1024), step_chunk_rows(900, 151936, 1024)
+    (64, 64, 110)
+    """
+    return min(chunk_rows(vocab, max_rows, max_elements), max(response_rows, MIN_STEP_CHUNK_ROWS))
 
 
 @dataclass

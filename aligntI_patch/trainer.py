@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from aligntI_patch.attention_hook import capture_attention
-from aligntI_patch.chunked_losses import DEFAULT_CHUNK_ELEMENTS, SharedHeadGrad, chunk_rows
+from aligntI_patch.chunked_losses import DEFAULT_CHUNK_ELEMENTS, SharedHeadGrad, chunk_rows, step_chunk_rows
 from aligntI_patch.iva import importance_from_attention, iva_weights
 from aligntI_patch.layout import batch_layout, embed
 from aligntI_patch.losses import iva_loss, kd_loss, prediction_rows, sft_loss, tpa_loss
@@ -91,12 +91,15 @@ def loss_term_sums(fwd: StepForward, student_head: torch.Tensor, teacher_head: t
                    coefficients: dict[str, float] | None = None, **div_kw) -> dict[str, torch.Tensor]:
     """Token sums of the enabled terms of Eq. 8 from a step's forwards and the two lm_head weights (full, not
     ZeRO-3 shards): L_sft, L_kd (Eq. 2), L_iva (Eq. 3), L_tpa (Eq. 7). The trainer divides them by global counts.
-    Logits are built in chunks of at most `chunk_size` rows and `chunk_elements` elements.
+    Logits are built in chunks of at most `chunk_size` rows and `chunk_elements` elements, and no larger than
+    the response terms' own (`chunked_losses.step_chunk_rows`).
 
     `coefficients` (each enabled term's factor in the step's total: weight / global count) give the terms one
     shared head gradient instead of one each (`chunked_losses.SharedHeadGrad`); the sums must then reach the
     backward as a multiple of sum_k coefficients[k] * sums[k] (anything else raises there)."""
     s, t = fwd.student_hidden, fwd.teacher_hidden
+    chunk_size = step_chunk_rows(int(prediction_rows(fwd.labels)[0].sum()), student_head.shape[0], chunk_size,
+                                 chunk_elements)
     sink = None
     if coefficients is not None and torch.is_grad_enabled() and student_head.requires_grad:
         sink = SharedHeadGrad(student_head, None, {k: coefficients[k] for k in enabled})

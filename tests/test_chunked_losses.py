@@ -7,11 +7,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from aligntI_patch.chunked_losses import (
     DEFAULT_CHUNK_ELEMENTS,
+    MIN_STEP_CHUNK_ROWS,
     HeadGradSlot,
     SharedHeadGrad,
     chunk_rows,
     chunked_cross_entropy,
     chunked_divergence,
+    step_chunk_rows,
 )
 from aligntI_patch.divergences import DIVERGENCES, align_vocab, token_divergence
 from llava.constants import IGNORE_INDEX
@@ -437,3 +439,11 @@ def test_loss_term_sums_with_coefficients_shares_the_head_gradient() -> None:
     got = sums(coef, 10**6)
     with pytest.raises(RuntimeError, match="not one multiple"):
         torch.autograd.grad(sum(got.values()), params)
+
+
+def test_step_chunk_rows_never_exceed_the_response_terms_own():
+    """IVA's visual rows and TPA's candidate rows come in chunks no larger than the response rows (floor 64)."""
+    assert step_chunk_rows(64, 32000, 1024) == 64  # CPU bench shape: 729 IVA rows in 12 chunks, not 524 + 205
+    assert step_chunk_rows(10, 32000, 1024) == MIN_STEP_CHUNK_ROWS  # few response rows: the floor
+    assert step_chunk_rows(900, 151936, 1024) == chunk_rows(151936, 1024)  # real sizes: the element budget rules
+    assert step_chunk_rows(900, 32000, 300) == 300  # and the row cap
