@@ -29,8 +29,9 @@ Accounting (bytes; one function per term below):
   (d per response token) against its KV cache; under gradient checkpointing HF drops the cache and the
   candidates are appended to the sequence instead. The teacher runs the same two passes without grad: its KV
   cache, final hidden states and one layer's working set (MLP) per sample. The chunked losses hold six fp32
-  [chunk, vocab] blocks and an fp32 head-sized gradient accumulator while a term is computed, and each finished
-  term keeps its bf16 head gradient and row gradients until the backward pass (4 terms: sft, kd, iva, tpa).
+  [chunk, vocab] blocks (chunk = `chunked_losses.chunk_rows`: at most --loss_chunk_size rows and
+  --loss_chunk_elements elements, 110 rows at V = 151936) and the step's one fp32 head-sized gradient buffer,
+  which all terms share (`SharedHeadGrad`); each term keeps its row gradients until the backward pass.
 - Fit: peak = fixed + micro_batch x per-sample; it fits when 1.1 x peak + 2 GiB (CUDA context, NCCL, allocator
   fragmentation) is at most the card's memory. Terms from different phases of a step are added, not
   overlapped: an upper bound.
@@ -44,10 +45,11 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from aligntI_patch.chunked_losses import DEFAULT_CHUNK_ELEMENTS, chunk_rows
+
 GIB = 2**30
 OVERHEAD_GIB = 2.0  # CUDA context, cuBLAS workspace, NCCL buffers
 FRAGMENTATION = 1.1  # caching-allocator slack on top of what the tensors need
-LOSS_TERMS = 4  # sft, kd, iva, tpa: each holds its head gradient until backward
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,7 @@ class Setup:
     response_share: float = 0.5  # response tokens / non-visual tokens of a sample (assumption, docs/scaling.md)
     tpa_d: int = 4  # candidates per response token (paper: d = 4)
     loss_chunk: int = 1024  # aligntI_patch --loss_chunk_size
+    loss_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS  # aligntI_patch --loss_chunk_elements
 
 
 @dataclass
@@ -292,8 +295,8 @@ def plan(stage: str, llm: LLM, tower: Tower, setup: Setup, teacher: LLM | None =
         + max(t, cand) * 8 * width  # one layer's working set (MLP) in the larger of its two passes
         + 2 * cand * (t + cand)  # the candidates' mask
     )
-    chunk = setup.loss_chunk
-    fixed["loss chunks"] = 6 * 4 * chunk * v + 4 * v * h + (LOSS_TERMS - 1) * 2 * v * h
+    chunk = chunk_rows(v, setup.loss_chunk, setup.loss_chunk_elements)
+    fixed["loss chunks"] = 6 * 4 * chunk * v + 4 * v * h
     rows = 2 * response + tower.tokens + cand + response  # sft, kd, iva, tpa (+ its ground-truth rows)
     per_sample["loss row gradients"] = 2 * h * rows
     return Plan(stage, f"{llm.name} <- {teacher.name}", fixed, per_sample)

@@ -77,7 +77,7 @@ def test_stage_plans_by_hand(mp, toy):
     # distill: 2 text tokens, 1 response token, d = 2 -> 2 candidate rows attending to 6 + 2 keys
     d = mp.plan("distill", toy, tower, setup, teacher=toy)
     assert d.fixed["teacher weights"] == 2 * (1304 + 112 + 248)  # replicated under ZeRO-2
-    assert d.fixed["loss chunks"] == 24 * 4 * 10 + 4 * 10 * 8 + 3 * 2 * 10 * 8
+    assert d.fixed["loss chunks"] == 24 * 4 * 10 + 4 * 10 * 8  # six [4, 10] fp32 blocks, one shared fp32 head gradient
     cand_layer = 2 * (320 + 2 * 8) + 8 * 32  # queries with an 8-key mask, repeated k/v of 8 keys
     kv_cache = 2 * 8 * (2 * 2 * 1 * 4)  # layers x tokens x k, v of one kv head, bf16
     assert d.per_sample["decoder activations"] == 4752 + 2 * cand_layer + 2 * 64 + kv_cache
