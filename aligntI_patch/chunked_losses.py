@@ -9,7 +9,8 @@ and at most ``chunk_elements`` logits elements (`chunk_rows`).
 
 Design choices:
 - Gradients are computed in the forward pass (``_FusedLinearLoss``): per chunk, logits = h W^T (+ b),
-  the loss, dL/dlogits by autograd on that block alone, then dL/dh = g W and dL/dW += g^T h. The
+  the loss, dL/dlogits by autograd on that block alone (for the paper's forward KL in closed form,
+  ``w (S - T) / temperature``: no graph over [c, V] blocks), then dL/dh = g W and dL/dW += g^T h. The
   backward only scales the stored gradients by ``grad_output``. Against recomputing each chunk in the
   backward (a recomputing autograd.Function or ``torch.utils.checkpoint`` per chunk) this does no extra
   matmul; above all the teacher's logits, the largest matmul, are computed once, where a recomputing
@@ -43,11 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aligntI_patch.divergences import check_divergence_args, token_divergence
+from aligntI_patch.divergences import check_divergence_args, fkl_sum_and_grad, token_divergence
 from llava.constants import IGNORE_INDEX
 
 # chunk_loss(logits (c, V), start, end) -> scalar sum over the chunk's rows start:end
 ChunkLoss = Callable[[Tensor, int, int], Tensor]
+# chunk_grad(logits, start, end) -> (that sum, its gradient (c, V)) in closed form, where one exists
+ChunkGrad = Callable[[Tensor, int, int], tuple[Tensor, Tensor]]
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16,777,216 logits elements per chunk: a 64 MB fp32 [c, V] block
 MIN_STEP_CHUNK_ROWS = 64  # a step with few response rows still takes the other terms' rows 64 at a time
@@ -98,8 +101,10 @@ def _linear_chunks(
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
     into: HeadGradSlot | None = None,
+    chunk_grad: ChunkGrad | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Sum of ``chunk_loss`` over row chunks of ``hidden @ weight.T + bias``; gradients where asked.
+    dL/dlogits comes from ``chunk_grad`` when given (a closed form), else from autograd on the block.
 
     Returns ``(loss, grad_hidden (N, H), grad_weight (V, H), grad_bias (V,))`` for a unit upstream
     gradient; a gradient not asked for is None. With ``into``, ``into.scale`` times the head's gradients are
@@ -124,10 +129,14 @@ def _linear_chunks(
         if not (need_h or need_w or need_b):
             total += chunk_loss(logits, start, end)
             continue
-        logits.requires_grad_(True)
-        with torch.enable_grad():
-            loss = chunk_loss(logits, start, end)
-        (g,) = torch.autograd.grad(loss, logits)  # (c, V), dtype of logits
+        if chunk_grad is not None:
+            loss, g = chunk_grad(logits, start, end)
+            g = g.to(logits.dtype)
+        else:
+            logits.requires_grad_(True)
+            with torch.enable_grad():
+                loss = chunk_loss(logits, start, end)
+            (g,) = torch.autograd.grad(loss, logits)  # (c, V), dtype of logits
         del logits
         total += loss.detach()
         if grad_h is not None:
@@ -158,9 +167,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         chunk_loss: ChunkLoss,
         chunk_size: int,
         into: HeadGradSlot | None,
+        chunk_grad: ChunkGrad | None,
     ) -> Tensor:
         needs = tuple(ctx.needs_input_grad[:3])
-        total, grad_h, grad_w, grad_b = _linear_chunks(hidden, weight, bias, chunk_loss, chunk_size, needs, into)
+        total, grad_h, grad_w, grad_b = _linear_chunks(hidden, weight, bias, chunk_loss, chunk_size, needs, into,
+                                                       chunk_grad)
         ctx.save_for_backward(grad_h, grad_w, grad_b)  # with `into`, the head's gradients are None here
         return total
 
@@ -168,7 +179,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         # Out of place, so that backward(retain_graph=True) can run twice.
         grads = [None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)  # chunk_loss, chunk_size, into, chunk_grad
 
 
 class SharedHeadGrad:
@@ -252,6 +263,7 @@ def _linear_loss(
     chunk_size: int,
     chunk_elements: int,
     head_grad: HeadGradSlot | None = None,
+    chunk_grad: ChunkGrad | None = None,
 ) -> Tensor:
     """Dispatch: the fused autograd.Function when a gradient is needed, a no-grad loop otherwise.
 
@@ -266,7 +278,7 @@ def _linear_loss(
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         if head_grad is not None and weight.data_ptr() != head_grad.head.data_ptr():
             raise ValueError("head_grad belongs to another head: a term's head must be the SharedHeadGrad's (rows)")
-        return _FusedLinearLoss.apply(hidden, weight, bias, chunk_loss, chunk_size, head_grad)
+        return _FusedLinearLoss.apply(hidden, weight, bias, chunk_loss, chunk_size, head_grad, chunk_grad)
     with torch.no_grad():
         return _linear_chunks(hidden, weight, bias, chunk_loss, chunk_size, (False, False, False))[0]
 
@@ -359,8 +371,13 @@ def chunked_divergence(
         div = token_divergence(s_logits, t_logits, kind, **div_kw)  # (c,)
         return (weights[start:end].to(div.dtype) * div).sum()
 
+    def fkl_grad(s_logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:  # Eq. 2's D_KL, no graph
+        with torch.no_grad():
+            t_logits = F.linear(t_hidden[start:end], t_head, t_bias)  # (c, V)
+        return fkl_sum_and_grad(s_logits, t_logits, weights[start:end], div_kw.get("temperature", 1.0))
+
     return _linear_loss(student_hidden, student_head[:vocab_size], s_bias, chunk_loss, chunk_size, chunk_elements,
-                        head_grad)
+                        head_grad, fkl_grad if kind == "fkl" else None)
 
 
 def chunked_cross_entropy(

@@ -96,6 +96,24 @@ def _log_mixture(logp: Tensor, logq: Tensor, w: float) -> Tensor:
     return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
 
 
+def fkl_sum_and_grad(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor,
+                     temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """sum_i w_i KL(T_i || S_i) and its gradient with respect to the student logits, in closed form.
+
+    d KL(T || S) / d s = (S - T) / temperature (the tempered softmaxes), so the gradient needs no autograd
+    graph over ``[N, V]`` blocks: the value of ``(weights * token_divergence(s, t, "fkl")).sum()`` and its
+    gradient from three ``[N, V]`` blocks. Logits ``[N, V]``, weights ``[N]``; returns (0-dim sum, ``[N, V]``
+    gradient in >= float32). For finite student logits (a linear layer's) the gradient is autograd's.
+    """
+    log_s = _log_probs(student_logits, temperature)  # (N, V)
+    log_t = _log_probs(teacher_logits, temperature)  # (N, V)
+    p_t = log_t.exp()
+    w = weights.to(log_s.dtype)
+    total = (w * log_t.sub_(log_s).mul_(p_t).sum(dim=-1)).sum()  # log_t is not needed after p_t
+    grad = log_s.exp_().sub_(p_t).mul_(w[:, None] / temperature)  # (S - T) w / temperature, in place
+    return total, grad
+
+
 def token_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,

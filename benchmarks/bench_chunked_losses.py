@@ -2,7 +2,10 @@
 
 Three ways to compute sum_i w_i D(T_i || S_i) (or the SFT cross-entropy) from hidden states and heads:
   plain       full [N, V] logits for student and teacher, autograd through everything;
-  fused       aligntI_patch.chunked_losses (gradients computed chunk by chunk in the forward pass);
+  fused       aligntI_patch.chunked_losses (gradients computed chunk by chunk in the forward pass; the
+              forward KL's gradient in closed form);
+  fused_autograd  the same chunks with dL/dlogits by autograd on each block (what every other kind uses,
+              and fkl before its closed form): fused / fused_autograd is what the closed form saves;
   checkpoint  torch.utils.checkpoint per chunk (the chunk's logits, teacher's included, recomputed in
               the backward pass).
 Both chunked variants use the rows per chunk the losses use: at most --chunk-size rows and at most
@@ -31,13 +34,14 @@ from torch.utils.checkpoint import checkpoint
 
 from aligntI_patch.chunked_losses import (
     DEFAULT_CHUNK_ELEMENTS,
+    _linear_loss,
     chunk_rows,
     chunked_cross_entropy,
     chunked_divergence,
 )
 from aligntI_patch.divergences import DIVERGENCES, token_divergence
 
-VARIANTS = ("plain", "fused", "checkpoint")
+VARIANTS = ("plain", "fused", "fused_autograd", "checkpoint")
 TEACHER_EXTRA_ROWS = 128  # teacher head padded past the student's (Qwen2-7B 152064 vs 0.5B 151936 rows)
 
 
@@ -96,11 +100,20 @@ def _step_fn(variant: str, x: dict, v: int, args: argparse.Namespace) -> Callabl
 
     n = x["sh"].shape[0]
 
+    def chunk_of_logits(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:  # fused_autograd's loss
+        if args.loss == "ce":
+            return F.cross_entropy(logits.float(), x["targets"][start:end], reduction="sum")
+        with torch.no_grad():
+            t = x["th"][start:end] @ x["tw"][:v].t()
+        return (x["weights"][start:end] * token_divergence(logits, t, args.loss)).sum()
+
     def loss() -> torch.Tensor:
         if variant == "plain":
             return chunk_value(x["sh"], 0, n)
         if variant == "fused":
             return fused()
+        if variant == "fused_autograd":
+            return _linear_loss(x["sh"], x["sw"][:v], None, chunk_of_logits, args.chunk_size, args.chunk_elements)
         return sum(
             checkpoint(
                 chunk_value,

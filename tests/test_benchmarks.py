@@ -129,3 +129,16 @@ def test_gpu_check_report_collects_every_part(tmp_path):
                               "failed": ["tests.test_tpa::test_b"]}
     assert parts["bench_step_sdpa"] == {"exit_code": 0, "results": {"recipes": {"kd": {"time_ratio": 1.0}}}}
     assert parts["bench_tpa_flex"]["exit_code"] == 124 and parts["bench_tpa_flex"]["output_tail"][-1] == "last"
+
+
+@pytest.mark.slow  # a fresh process per measurement: about 40 s
+@pytest.mark.parametrize("loss", ["fkl", "ce"])
+def test_chunked_losses_bench_runs(loss):
+    """Every variant (plain, fused, fused_autograd, checkpoint) runs and prints its row."""
+    script = BENCH.parent / "bench_chunked_losses.py"
+    out = subprocess.run([sys.executable, str(script), "--n", "9", "--v", "40", "--hidden", "8", "--teacher-hidden",
+                          "8", "--chunk-size", "4", "--loss", loss], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1].split()[0] for line in out.stdout.splitlines() if "|" in line][1:]
+    assert rows == ["plain", "fused", "fused_autograd", "checkpoint"], out.stdout
