@@ -37,11 +37,14 @@ def resolve_focus_layer(spec: str | int, model: nn.Module, checkpoint_dir: str |
     num_layers = len(decoder_layers(model))
     irs_path = Path(checkpoint_dir) / "irs.json" if checkpoint_dir is not None else None
     if irs_path is not None and irs_path.is_file():
-        best = int(json.loads(irs_path.read_text())["best_layer"])
-        if 0 <= best < num_layers:
+        saved = json.loads(irs_path.read_text())
+        best = int(saved["best_layer"])
+        deepest = max(saved.get("layers", [best]))  # a deeper teacher's best layer can fall in range by chance
+        if 0 <= best < num_layers and deepest < num_layers:
             logger.info("focus layer %d: IRS argmax read from %s", best, irs_path)
             return best
-        logger.warning("%s: best_layer %d is not a layer of this %d-layer model", irs_path, best, num_layers)
+        logger.warning("%s scores layers up to %d (best %d), not those of this %d-layer model", irs_path, deepest,
+                       best, num_layers)
     layer = default_focus_layer(num_layers)
     logger.info("focus layer %d: about 3/4 of %d layers (no usable irs.json)", layer, num_layers)
     return layer

@@ -112,6 +112,8 @@ def test_focus_layer_resolution(tmp_path, tokenizer):
     assert resolve_focus_layer("auto", model, tmp_path) == 1
     (tmp_path / "irs.json").write_text(json.dumps({"best_layer": 9}))  # e.g. a deeper teacher's layer
     assert resolve_focus_layer("auto", model, tmp_path) == 3
+    (tmp_path / "irs.json").write_text(json.dumps({"best_layer": 1, "layers": list(range(8))}))  # the teacher's
+    assert resolve_focus_layer("auto", model, tmp_path) == 3  # beside a 4-layer student: not its layers
     with pytest.raises(ValueError, match="out of range"):
         resolve_focus_layer(4, model)
 
