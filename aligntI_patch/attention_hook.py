@@ -6,6 +6,7 @@ Design choices:
   pre-hook on `layer.self_attn` reads the layer's own inputs (hidden_states, position_embeddings,
   attention_mask) and recomputes softmax(q k^T * scaling + mask) for the selected query rows only:
   q/k projections, Qwen3's q_norm/k_norm when the module has them, RoPE, GQA repeat, scaling, mask.
+  The keys come from `attention_keys`, which TPA also uses to rebuild the KV cache under checkpointing.
   The layer itself then runs unchanged with whatever `config._attn_implementation` says.
 - The mask the module receives is used as given: a 4D bool mask (True = attend, sdpa), a 4D additive
   float mask (eager), a 2D padding mask (flash attention), None (sdpa's `is_causal` fast path, i.e. no
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 
-__all__ = ["AttentionCapture", "capture_attention", "decoder_layers", "rotary_rows"]
+__all__ = ["AttentionCapture", "attention_keys", "capture_attention", "decoder_layers", "rotary_rows"]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -52,6 +53,20 @@ def rotary_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def attention_keys(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys of `attn` (a Qwen2/Qwen3 attention module) as its forward computes them -> (B, nkv, T, D).
+
+    hidden: (B, T, H), the module's input (the decoder layer's `input_layernorm` output); cos/sin: (B or 1, T, D)
+    from the decoder's `rotary_emb`. k_proj, Qwen3's k_norm (RMSNorm over head_dim, before RoPE), RoPE; no GQA
+    repeat. IVA's attention rows and TPA's rebuilt KV cache (`tpa.layer_keys_values`) both read keys from here.
+    """
+    batch, t, _ = hidden.shape
+    k = attn.k_proj(hidden).view(batch, t, -1, attn.head_dim)  # (B, T, nkv, D)
+    if hasattr(attn, "k_norm"):  # Qwen3: RMSNorm over head_dim before RoPE
+        k = attn.k_norm(k)
+    return rotary_rows(k.transpose(1, 2), cos, sin)  # (B, nkv, T, D)
 
 
 def _select_queries(query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,18 +143,15 @@ def _attention_rows(
 ) -> torch.Tensor:
     """Softmax rows (B, heads, Q_max, T) of `attn` (a Qwen2/Qwen3 attention module) for the selected queries."""
     batch, t, _ = hidden.shape
-    head_dim = attn.head_dim
     hid_q = torch.gather(hidden, 1, query_index[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, Q, H)
-    q = attn.q_proj(hid_q).view(batch, query_index.shape[1], -1, head_dim)  # (B, Q, nh, D)
-    k = attn.k_proj(hidden).view(batch, t, -1, head_dim)  # (B, T, nkv, D)
+    q = attn.q_proj(hid_q).view(batch, query_index.shape[1], -1, attn.head_dim)  # (B, Q, nh, D)
     if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over head_dim before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, Q, D), (B, nkv, T, D)
+        q = attn.q_norm(q)
     cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)  # (B, T, D)
     rows_index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
-    q = rotary_rows(q, torch.gather(cos, 1, rows_index), torch.gather(sin, 1, rows_index))
-    k = rotary_rows(k, cos, sin)
-    q, k = q.float(), k.float()
+    q = rotary_rows(q.transpose(1, 2), torch.gather(cos, 1, rows_index), torch.gather(sin, 1, rows_index))
+    k = attention_keys(attn, hidden, cos, sin)  # (B, nkv, T, D)
+    q, k = q.float(), k.float()  # (B, nh, Q, D), (B, nkv, T, D)
     k = k.repeat_interleave(attn.num_key_value_groups, dim=1)  # GQA: (B, nh, T, D)
     scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # (B, nh, Q, T)
     scores = scores + _additive_mask(mask, query_index, t, getattr(attn, "sliding_window", None))

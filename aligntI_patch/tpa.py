@@ -11,8 +11,18 @@ Design choices
   ``cached_pass`` (the ordinary ground-truth forward with a ``DynamicCache``, then only the M candidate rows
   against that cache). They agree in values and parameter gradients. The cached form lets the student's
   ground-truth pass (with grad) also be the sampling pass: 1 student pass + 1 teacher pass per step instead
-  of the paper's 2 student passes (its Table 14). HF drops the cache under activation checkpointing
-  (``cache_available``), where ``tpa_forward`` falls back to a no-grad sampling pass + ``appended_pass``.
+  of the paper's 2 student passes (its Table 14).
+- Activation checkpointing: HF drops the cache in every checkpointed layer (``cache_available``). The
+  ground-truth pass then returns each layer's input instead (``output_hidden_states``, with the graph through
+  the checkpoints) and the cache is rebuilt from them outside HF's checkpoints (``layer_keys_values``: the
+  layer's own input_layernorm, k/v projections, Qwen3's k_norm and RoPE). The M candidate rows run with the
+  layers' checkpointing off (``checkpointing_disabled``: a checkpointed layer would drop the cache they attend
+  to) in L checkpointed segments of ceil(M / L) rows (L layers), each replayed in the backward on a copy of the
+  ground-truth cache. Exact: the rows' gradients reach the checkpointed layers through the rebuilt keys and
+  values. Per step this saves the no-grad sampling pass over T of the former fallback (``appended_pass`` after
+  it); keeping the rows' activations instead (M up to d*R tokens, more than T at the paper's mix) made an
+  Align-TI step 45 % larger than the former fallback's, one segment of all M rows would hold L x M row-layers
+  in its replay (docs/performance.md).
 - Exact savings (``dedupe_candidates``): Eq. 7 averages over d samples, so equal candidates at one
   position are evaluated once with weight count/d, and a candidate equal to y_k costs no row: its
   transition distribution is the ground-truth pass's output at k (weight in ``gt_weight``). Same samples,
@@ -37,16 +47,21 @@ Loss bookkeeping for the caller (Eq. 7): with ``rows = tpa_forward(...).rows``,
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
-from transformers import PretrainedConfig
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
+from aligntI_patch.attention_hook import attention_keys, decoder_layers
 from aligntI_patch.candidates import (
     DEFAULT_TOP_P,
     CandidateRows,
@@ -121,6 +136,50 @@ def cache_available(lm: nn.Module) -> bool:
     )
 
 
+@contextmanager
+def checkpointing_disabled(lm: nn.Module) -> Iterator[None]:
+    """Activation checkpointing off in ``lm``'s decoder for the body; each flag restored on exit, also on error.
+
+    For the candidate rows under checkpointing: a checkpointed layer drops the cache they must attend to. Sets
+    the public ``gradient_checkpointing`` flag of each ``GradientCheckpointingLayer`` that has it on, and the
+    decoder's (which would turn ``use_cache`` off).
+    """
+    flagged = [m for m in lm.get_decoder().modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
+def layer_keys_values(
+    layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a Qwen2/Qwen3 decoder layer caches for its input -> (k, v), each ``[B, nkv, T, D]``.
+
+    As the layer computes them: ``input_layernorm``, then k_proj, Qwen3's k_norm and RoPE (``cos``/``sin``
+    ``[B or 1, T, D]`` from the decoder's ``rotary_emb``) for the keys (``attention_hook.attention_keys``), and
+    v_proj for the values. ``hidden``: ``[B, T, H]``, the layer's input.
+    """
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)  # (B, T, H)
+    values = attn.v_proj(normed).view(*normed.shape[:2], -1, attn.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+    return attention_keys(attn, normed, cos, sin), values
+
+
+def check_cache_rebuild(lm: nn.Module) -> None:
+    """Raise ``TypeError`` unless ``layer_keys_values`` computes exactly what ``lm``'s decoder layers cache."""
+    kinds = {type(layer).__name__ for layer in decoder_layers(lm)
+             if not isinstance(layer, (Qwen2DecoderLayer, Qwen3DecoderLayer))}
+    if kinds:
+        raise TypeError(
+            f"TPA under activation checkpointing rebuilds the KV cache as Qwen2/Qwen3 decoder layers compute it; "
+            f"{sorted(kinds)} may compute keys differently. Disable gradient checkpointing for this model"
+        )
+
+
 def ground_truth_pass(
     lm: nn.Module,
     inputs_embeds: torch.Tensor,
@@ -131,19 +190,35 @@ def ground_truth_pass(
     """The ordinary causal pass -> (hidden ``[B, T, H]``, ``DynamicCache`` or None).
 
     Run it under grad for the student: the cache keeps the graph, so ``candidate_pass`` gradients flow
-    into the ground-truth keys and values exactly as in ``appended_pass``.
+    into the ground-truth keys and values exactly as in ``appended_pass``. Where HF drops the cache (activation
+    checkpointing, ``cache_available``) it is rebuilt: the decoder returns each layer's input h_l
+    (``hidden_states[l]``, graph through the checkpointed layers) and ``layer_keys_values`` recomputes that
+    layer's keys and values from it, outside HF's checkpoints, into a ``DynamicCache`` (its ``update``).
     """
-    out = lm.get_decoder()(
+    decoder = lm.get_decoder()
+    rebuild = use_cache and not cache_available(lm)
+    if rebuild:
+        check_cache_rebuild(lm)
+    out = decoder(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        use_cache=use_cache,
+        use_cache=use_cache and not rebuild,
+        output_hidden_states=rebuild,
     )
-    cache = out.cache if use_cache else None
-    if use_cache and (cache is None or cache.get_seq_length() != inputs_embeds.shape[1]):
-        raise RuntimeError(
-            "the model returned no usable KV cache (activation checkpointing?); use appended_pass instead"
-        )
+    if not use_cache:
+        return out.last_hidden_state, None
+    cache = out.cache
+    if rebuild:
+        cache = DynamicCache(config=decoder.config)
+        cos, sin = decoder.rotary_emb(inputs_embeds, position_ids)  # (B or 1, T, D), as the layers get them
+        layer_inputs = out.hidden_states[:-1]  # h_0 .. h_{L-1}; the last entry is the final (normed) output
+        for layer, hidden in zip(decoder_layers(lm), layer_inputs, strict=True):
+            # checkpointed like the layer: only h_l (already kept) stays, not the norm's and projections' inputs
+            k, v = checkpoint(layer_keys_values, layer, hidden, cos, sin, use_reentrant=False)
+            cache.update(k, v, layer.self_attn.layer_idx)
+    if cache is None or cache.get_seq_length() != inputs_embeds.shape[1]:
+        raise RuntimeError("the model returned no usable KV cache; use appended_pass instead")
     return out.last_hidden_state, cache
 
 
@@ -160,23 +235,50 @@ def candidate_pass(
     Mask ``[B, 1, M, T + M]`` (``candidate_rows_mask``), position ids of their positions k. The cache is
     extended by the candidate keys: call once per ``ground_truth_pass``.
 
+    Under activation checkpointing the layers' checkpointing is off for the rows (``checkpointing_disabled``:
+    a checkpointed layer would drop the cache) and the rows run instead as L checkpointed segments (L = the
+    decoder's layers) of ceil(M / L) rows each, every segment replayed in the backward against a fresh cache of
+    the T keys and values (``cache`` itself is left as it was). A segment being replayed holds all L layers'
+    activations of its rows, so L x ceil(M / L) ~ M row-layers, about what one checkpointed layer holds for
+    T + M tokens; one segment of all M rows would hold L x M (at the paper's mix M exceeds T). Exact for any
+    grouping: a candidate row attends to the ground truth and itself only. L segments on every rank whatever
+    its M (padding rows fill them): under ZeRO-3 all ranks must run the same modules.
+
     Args:
         attention_mask: ``[B, T]`` padding mask of the ground truth; ``position_ids``: its ``[B, T]`` ids.
         cand_pos, cand_ids: ``[B, M]`` rows (``CandidateRows.pos`` / ``.ids``).
     """
     B, M = cand_ids.shape
-    if M == 0:  # one padding row (it sees itself only), dropped below: all ZeRO-3 ranks run the same modules
-        cand_pos, cand_ids = cand_pos.new_full((B, 1), -1), cand_ids.new_zeros(B, 1)
-    embeds = lm.get_input_embeddings()(cand_ids)  # (B, M, H)
-    mask = _ribbon_attention_mask(lm, attention_mask, cand_pos, embeds.dtype, cached=True)  # (B, 1, M, T + M)
-    out = lm.get_decoder()(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=candidate_position_ids(position_ids, cand_pos, 1),
-        cache=cache,
-        use_cache=True,
-    )
-    return out.last_hidden_state[:, :M]
+    decoder = lm.get_decoder()
+
+    def rows(embeds: torch.Tensor, cache: object, pos: torch.Tensor) -> torch.Tensor:
+        """The rows at ``pos`` ``[B, m]`` (embedded) against ``cache`` -> hidden ``[B, m, H]``."""
+        mask = _ribbon_attention_mask(lm, attention_mask, pos, embeds.dtype, cached=True)  # (B, 1, m, T + m)
+        with checkpointing_disabled(lm):
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=candidate_position_ids(
+                position_ids, pos, 1), cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    if cache_available(lm):
+        if M == 0:  # one padding row (it sees itself only), dropped below: all ZeRO-3 ranks run the same modules
+            cand_pos, cand_ids = cand_pos.new_full((B, 1), -1), cand_ids.new_zeros(B, 1)
+        return rows(lm.get_input_embeddings()(cand_ids), cache, cand_pos)[:, :M]
+    past = [(layer.keys, layer.values) for layer in cache.layers]  # per layer 2 x (B, nkv, T, D)
+    size = max(1, -(-M // len(past)))  # rows per segment
+    pad = size * len(past) - M  # padding rows (position -1: they see themselves only), dropped below
+    cand_pos = torch.cat([cand_pos, cand_pos.new_full((B, pad), -1)], dim=1)
+    cand_ids = torch.cat([cand_ids, cand_ids.new_zeros(B, pad)], dim=1)
+    embeds = lm.get_input_embeddings()(cand_ids)  # (B, L * size, H)
+
+    def segment(embeds: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        fresh = DynamicCache(config=decoder.config)  # the replay must see the T keys, not T + the rows'
+        for idx, (k, v) in enumerate(past):
+            fresh.update(k, v, idx)
+        return rows(embeds, fresh, pos)
+
+    parts = [checkpoint(segment, embeds[:, i : i + size], cand_pos[:, i : i + size], use_reentrant=False)
+             for i in range(0, embeds.shape[1], size)]
+    return torch.cat(parts, dim=1)[:, :M]
 
 
 def appended_pass(
@@ -271,9 +373,10 @@ def tpa_forward(
 ) -> TPAForward:
     """One distillation step's forwards: student ground truth + candidates (grad), teacher (no grad).
 
-    With a usable cache: 1 student pass (ground truth with a cache, sampling from its detached
-    logits at the response positions, then the candidate rows) + 1 teacher pass (same form).
-    Under activation checkpointing: a no-grad student sampling pass + the appended pass (the paper's 2).
+    1 student pass (ground truth with a cache, sampling from its detached logits at the response positions,
+    then the candidate rows) + 1 teacher pass (same form). Under activation checkpointing the student's cache
+    is rebuilt from its layers' inputs (``ground_truth_pass``): still T + M student tokens with grad (which
+    the backward replays, as checkpointing does), and no sampling pass.
 
     Args:
         student_embeds / teacher_embeds: ``[B, T, H]`` inputs_embeds of the same layout for each model.
@@ -281,7 +384,8 @@ def tpa_forward(
         response_mask: ``[B, T]`` bool, True at response tokens.
         gt_ids: ``[B, T]`` token ids, valid at response positions (the expanded labels work).
         student_gt_capture / teacher_gt_capture: entered around exactly that model's ground-truth pass (the
-            sampling pass under checkpointing), e.g. an `AttentionCapture` for IVA's alpha.
+            candidate rows excluded), e.g. an `AttentionCapture` for IVA's alpha. Under checkpointing the layers
+            run again in the backward, after the context has exited, so a capture sees them once.
     """
     cand_pos = response_positions(response_mask)  # (B, R)
     T = student_embeds.shape[1]
@@ -295,21 +399,12 @@ def tpa_forward(
             return dedupe_candidates(cand_pos, cands, gt_ids)
         return candidate_rows(cand_pos, cands, T)
 
-    if cache_available(student):
-        with student_gt_capture or nullcontext():
-            student_gt, cache = ground_truth_pass(student, student_embeds, attention_mask, position_ids)
-        rows = make_rows(student_gt)
-        student_cand = candidate_pass(student, cache, attention_mask, position_ids, rows.pos, rows.ids)
-    else:
-        logger.debug("activation checkpointing drops the KV cache: sampling pass + appended pass")
-        with torch.no_grad(), student_gt_capture or nullcontext():
-            sampling_hidden, _ = ground_truth_pass(
-                student, student_embeds, attention_mask, position_ids, use_cache=False
-            )
-        rows = make_rows(sampling_hidden)
-        student_gt, student_cand = appended_pass(
-            student, student_embeds, attention_mask, position_ids, rows.pos, rows.ids
-        )
+    if not cache_available(student):
+        logger.debug("activation checkpointing drops HF's KV cache: rebuilt from the layers' inputs")
+    with student_gt_capture or nullcontext():
+        student_gt, cache = ground_truth_pass(student, student_embeds, attention_mask, position_ids)
+    rows = make_rows(student_gt)
+    student_cand = candidate_pass(student, cache, attention_mask, position_ids, rows.pos, rows.ids)
     with torch.no_grad():
         teacher_gt, teacher_cand = cached_pass(
             teacher, teacher_embeds, attention_mask, position_ids, rows.pos, rows.ids, teacher_gt_capture

@@ -32,6 +32,7 @@ Design choices:
 
     python benchmarks/bench_step.py                                   # CPU, paper mix scaled down (minutes)
     python benchmarks/bench_step.py --confident --json step.json
+    python benchmarks/bench_step.py --grad-ckpt --json step_ckpt.json # the student under activation checkpointing
     python benchmarks/bench_step.py --smoke --json /tmp/s.json        # tiny shapes, seconds (the test)
     python benchmarks/bench_step.py --device cuda --real --batch 4    # Qwen2-0.5B / 7B shapes, bf16
 """
@@ -135,6 +136,8 @@ def build_models(args: argparse.Namespace, with_teacher: bool = True):
         s_shape = LMShape.small(args.student_hidden, args.student_layers, args.vocab)
         t_shape = LMShape.small(args.teacher_hidden, args.teacher_layers, args.vocab)
     student = build_llava(s_shape, vision, args, seed=0).train()
+    if args.grad_ckpt:  # what --gradient_checkpointing True does (HF's default kwargs are non-reentrant too)
+        student.activation_checkpointing_enable({"use_reentrant": False})
     teacher = build_llava(t_shape, vision, args, seed=1) if with_teacher else None
     return student, teacher
 
@@ -426,6 +429,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iva-layer", type=int, default=None,
                    help="teacher layer whose attention gives IVA's weights (default: 3/4 of its depth, as 21 of 28)")
     p.add_argument("--confident", action="store_true", help="sharpened student, response = its greedy output")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing (non-reentrant) on the student's decoder layers, every recipe")
     p.add_argument("--sharpen", type=float, default=30.0, help="logit scale with --confident")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings stable on a shared machine)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds")
@@ -513,8 +518,9 @@ def main() -> None:
     print(f"{device}, {args.dtype}, {args.attn}, {args.threads} thread(s); B={args.batch} T={T} (visual "
           f"{args.visual} + instruction {args.instruction} + response {args.response}), d={args.d}; student "
           f"{s.hidden_size}x{s.num_hidden_layers}, teacher {t.hidden_size}x{t.num_hidden_layers}, vocab {args.vocab}"
-          f"{', confident student' if args.confident else ''}; median of {args.iters} round-robin rounds after "
-          f"{args.warmup} warm-up; GKD generates every step\n")
+          f"{', confident student' if args.confident else ''}"
+          f"{', student activation checkpointing' if args.grad_ckpt else ''}; median of {args.iters} round-robin "
+          f"rounds after {args.warmup} warm-up; GKD generates every step\n")
     print(markdown(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -26,9 +26,11 @@ Accounting (bytes; one function per term below):
 - Pretrain / finetune use HF's causal-LM loss: full logits, upcast to fp32, for every position; its peak, at
   the start of the backward pass, is taken as 12 bytes per position per vocabulary entry.
 - Distillation (`aligntI_patch`): one student pass over the sequence with grad plus TPA's candidate rows
-  (d per response token) against its KV cache; under gradient checkpointing HF drops the cache and the
-  candidates are appended to the sequence instead. The teacher runs the same two passes without grad: its KV
-  cache, final hidden states and one layer's working set (MLP) per sample. The chunked losses hold six fp32
+  (d per response token) against its KV cache; under gradient checkpointing the ground-truth pass is
+  checkpointed, its keys and values are rebuilt from the layers' inputs and kept, and the rows run in L
+  checkpointed segments of ceil(rows / L), one of which is replayed at a time (`tpa.candidate_pass`). The
+  teacher runs the same two passes without grad: its KV cache, final hidden states and one layer's working set
+  (MLP) per sample. The chunked losses hold six fp32
   [chunk, vocab] blocks (chunk = `chunked_losses.chunk_rows`: at most --loss_chunk_size rows and
   --loss_chunk_elements elements, 110 rows at V = 151936) and the step's one fp32 head-sized gradient buffer,
   which all terms share (`SharedHeadGrad`); each term keeps its row gradients until the backward pass.
@@ -279,8 +281,13 @@ def plan(stage: str, llm: LLM, tower: Tower, setup: Setup, teacher: LLM | None =
     fixed["teacher weights"] = 2 * teacher_params // (n if setup.zero == 3 else 1)
     if setup.zero == 3:
         fixed["ZeRO buffers"] = 2 * (v * h + max(teacher.vocab * teacher.hidden, 2 * teacher.layer_params()))
-    if setup.ckpt:  # HF drops the cache: candidates appended to the sequence, one checkpointed pass
-        per_sample["decoder activations"] = stack_activation_bytes(llm, t + cand, True, ckpt=True)
+    if setup.ckpt:  # checkpointed ground truth, its keys and values rebuilt and kept, the rows in L segments
+        size = -(-cand // llm.layers)  # rows per segment (tpa.candidate_pass): one is replayed at a time
+        per_sample["decoder activations"] = (
+            stack_activation_bytes(llm, t, True, ckpt=True)
+            + kv_cache_bytes(llm, t)
+            + llm.layers * layer_activation_bytes(llm, size, t + size, True)
+        )
     else:  # ground-truth pass with a KV cache, then the candidate rows against it
         per_sample["decoder activations"] = (
             stack_activation_bytes(llm, t, True, ckpt=False)

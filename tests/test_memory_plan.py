@@ -84,6 +84,11 @@ def test_stage_plans_by_hand(mp, toy):
     # teacher: its KV cache, hidden states of 8 rows, MLP working set of the larger pass (6 tokens), the mask
     assert d.per_sample["teacher forward"] == kv_cache + 2 * 8 * 8 + 6 * 8 * 16 + 2 * 2 * 8
     assert d.per_sample["loss row gradients"] == 2 * 8 * (2 * 1 + 4 + 2 + 1)
+    # checkpointing: T checkpointed, its keys and values kept, the 2 rows in 2 segments of 1, one replayed at a time
+    ck = mp.plan("distill", toy, tower, replace(setup, ckpt=True), teacher=toy)
+    one_row = mp.layer_activation_bytes(toy, 1, 7, True)
+    kept = 2 * 6 * (2 * 2 * 1 * 4)  # the rebuilt keys and values of the 6 ground-truth tokens, bf16
+    assert ck.per_sample["decoder activations"] == mp.stack_activation_bytes(toy, 6, True, ckpt=True) + kept + 2 * one_row
     zero3 = mp.plan("distill", toy, tower, mp.Setup(gpus=2, zero=3, seq_len=6, tpa_d=2), teacher=toy)
     assert zero3.fixed["teacher weights"] == 2 * (1304 + 112 + 248) // 2
 

@@ -328,7 +328,7 @@ def test_dedupe_gives_same_loss_and_gradients(family):
         assert rel < 1e-5, f"{name}: relative gradient difference {rel:.2e}"
 
 
-def test_tpa_forward_cached_equals_checkpointed_fallback():
+def test_tpa_forward_under_checkpointing_equals_the_cached_form():
     student, teacher = tiny_lm("qwen2", seed=0).train(), tiny_lm("qwen2", seed=5, hidden=48)
     input_ids, _, attention_mask, position_ids, response_mask = embedded(student, "right")
     cfg = TPAConfig(d=4, strategy="nucleus", top_p=0.9, dedupe=True)

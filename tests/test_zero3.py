@@ -159,15 +159,19 @@ def one_process(tmp_path_factory, tied_pair, mixed_data, mini_world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["zero3", "zero2"])
+@pytest.mark.parametrize("config", ["zero3", "zero2", "zero3-grad-ckpt"])
 def test_two_processes_train_as_one(config, tmp_path, tied_pair, mixed_data, mini_world, one_process):
     """torchrun x2 on CPU, all terms: the logged losses and weights of one process on the same global batch.
 
-    World size 2 shows in the step count (one process at this batch would take 2 steps per epoch)."""
+    World size 2 shows in the step count (one process at this batch would take 2 steps per epoch). With
+    gradient checkpointing (the scripts' GRAD_CKPT=1) TPA rebuilds the student's cache from its layers' inputs,
+    outside the layers' forwards (ZeRO-3 gathers those modules' shards there too): still the same run."""
     ref_out, ref = one_process
     out = tmp_path / config
+    stage, _, grad_ckpt = config.partition("-")
     state = _distill(out, tied_pair, mixed_data, mini_world, 2, "--per_device_train_batch_size", "1",
-                     "--deepspeed", str(REPO / "scripts" / f"{config}.json"))
+                     "--deepspeed", str(REPO / "scripts" / f"{stage}.json"),
+                     *(["--gradient_checkpointing", "True"] if grad_ckpt else []))
     assert state["global_step"] == 2, "two processes must split one data stream"
     logged = [e for e in state["log_history"] if "loss" in e]
     expected = [e for e in ref["log_history"] if "loss" in e]
