@@ -198,6 +198,56 @@ def test_finished_cells_are_skipped_and_interrupted_ones_rerun_cleanly(tmp_path)
         _run(out, FakeBackend(teacher="another-teacher"))
 
 
+def test_runners_sharing_an_out_dir_train_each_cell_once(tmp_path):
+    """Two runners on one out dir (threads: flock locks of separate open() calls exclude each other as
+    processes' do) split the cells; a cell held by a third runner is passed by, neither deleted nor trained."""
+    import fcntl
+    import threading
+    import time
+
+    from aligntI_patch.experiments import runner
+
+    both_training = threading.Barrier(2, timeout=60)  # each runner's first cell waits for the other's
+
+    class SlowBackend(FakeBackend):
+        def evaluate_teacher(self) -> dict:
+            time.sleep(0.2)  # the other runner must wait for the teacher, not score it again
+            return super().evaluate_teacher()
+
+        def train_and_evaluate(self, cell, cell_dir: Path) -> Outcome:
+            if not self.trained:
+                both_training.wait()
+            return super().train_and_evaluate(cell, cell_dir)
+
+    out = tmp_path / "out"
+    held = out / "cells" / "kd-ep1-seed2"
+    held.mkdir(parents=True)
+    (held / "train.log").write_text("being written by a third runner")
+    (out / "locks").mkdir()
+    backends, outputs = [SlowBackend(), SlowBackend()], [[], []]
+    with open(out / "locks" / "kd-ep1-seed2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        g = build_grid("loss_terms", 4)
+        cells = expand(g, [0, 1, 2], 1, only=("sft", "kd", "aligntI"))
+        threads = [threading.Thread(target=runner.run_grid, args=(g, cells, out, b), kwargs={"write": o.append})
+                   for b, o in zip(backends, outputs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    trained = backends[0].trained + backends[1].trained
+    assert sorted(trained) == sorted(c.id for c in cells if c.id != "kd-ep1-seed2")  # each once, split
+    assert backends[0].teacher_scored + backends[1].teacher_scored == 1
+    assert (held / "train.log").read_text() == "being written by a third runner"
+    assert all(any("kd-ep1-seed2: running in another runner" in line for line in o) for o in outputs)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 8 == len(read_rows(out))
+    # the third runner gone, the cell is an interrupted one: the next run trains it
+    last = FakeBackend()
+    _run(out, last)
+    assert last.trained == ["kd-ep1-seed2"] and len(read_rows(out)) == 9
+
+
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     main(["run", "--grid", "iva_weights", "--seeds", "2", "--out", str(out), "--teacher", str(tmp_path / "t"),

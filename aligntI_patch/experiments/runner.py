@@ -11,6 +11,9 @@ Layout of DIR (the report reads only these files):
   and is deleted and trained again from the start.
 - `results.jsonl`: one row per finished cell (result.json's content; rows missing after a crash between the
   two writes are appended on the next run). Accuracies are percentages.
+- `.lock` and `locks/<cell-id>.lock`: OS locks (released when a process ends, however it ends). Several runners
+  may share DIR (one per core, node or GPU, on a file system with working `flock`): each cell is trained by
+  the runner that claims it first, the others pass it by; the shared files are written under `.lock`.
 """
 
 from __future__ import annotations
@@ -113,15 +116,27 @@ def append_row(out: Path, row: dict) -> None:
 
 
 @contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """One run per out dir at a time (an OS lock: released when the process ends, however it ends)."""
+def shared_files(out: Path) -> Iterator[None]:
+    """Exclusive use of DIR's shared files (setup, grids/, teacher.json, results.jsonl) among the runners of DIR;
+    waits while another runner writes them."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def claimed(out: Path, cell_id: str) -> Iterator[bool]:
+    """Whether this runner holds the cell (False: another runner of DIR is training it); held until the exit."""
+    locks = out / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{cell_id}.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another run is writing into {out}; wait for it or use another --out") from None
-        yield
+            yield False
+        else:
+            yield True
 
 
 def check_setup(out: Path, identity: dict) -> None:
@@ -164,7 +179,8 @@ def sync_rows(out: Path) -> None:
 
 
 def run_cell(cell: Cell, out: Path, backend: Backend, prov: dict) -> dict | None:
-    """Train and score `cell` unless finished (None then); an interrupted cell dir is deleted first."""
+    """Train and score `cell` unless finished (None then); an interrupted cell dir is deleted first. The caller
+    holds the cell (`claimed`)."""
     cell_dir = out / "cells" / cell.id
     if (cell_dir / "result.json").is_file():
         return None
@@ -176,7 +192,9 @@ def run_cell(cell: Cell, out: Path, backend: Backend, prov: dict) -> dict | None
     outcome = backend.train_and_evaluate(cell, cell_dir)
     row = make_row(cell, outcome, time.monotonic() - start, prov)
     write_json(cell_dir / "result.json", row)
-    append_row(out, row)
+    with shared_files(out):
+        if row["cell"] not in read_rows(out):  # another runner's sync_rows may have appended it already
+            append_row(out, row)
     return row
 
 
@@ -198,19 +216,25 @@ def run_grid(grid: Grid, cells: list[Cell], out: Path, backend: Backend, *, keep
 
     `backend` does the training and scoring (`cell.TinyBackend` from the CLI; any object with its four
     methods in tests). With `keep_going`, a failed cell is reported and the next one runs; otherwise the
-    first failure raises (the failed cell stays unfinished and reruns next time)."""
+    first failure raises (the failed cell stays unfinished and reruns next time). A cell that another runner
+    of `out` is training is passed by (its row comes from that runner)."""
     out = Path(out)
     done: list[dict] = []
-    with locked(out):
+    with shared_files(out):
         check_setup(out, backend.identity())
         record_grid(out, grid, cells)
         sync_rows(out)
-        if not (out / "teacher.json").is_file():
+        if not (out / "teacher.json").is_file():  # the other runners wait here: the teacher is scored once
             write("scoring the teacher\n")
             write_json(out / "teacher.json", percent(backend.evaluate_teacher())[0])
-        prov = provenance()
-        failed = []
-        for i, cell in enumerate(cells, 1):
+    prov = provenance()
+    failed, elsewhere = [], []
+    for i, cell in enumerate(cells, 1):
+        with claimed(out, cell.id) as mine:
+            if not mine:
+                elsewhere.append(cell.id)
+                write(f"[{i}/{len(cells)}] {cell.id}: running in another runner\n")
+                continue
             try:
                 row = run_cell(cell, out, backend, prov)
             except Exception as err:
@@ -219,10 +243,12 @@ def run_grid(grid: Grid, cells: list[Cell], out: Path, backend: Backend, *, keep
                 failed.append(cell.id)
                 write(f"[{i}/{len(cells)}] {cell.id}: FAILED ({err})\n")
                 continue
-            status = "done before" if row is None else f"overall test {row['test']['overall']:.1f} in {row['wall_s']:.0f} s"
-            write(f"[{i}/{len(cells)}] {cell.id}: {status}\n")
-            if row is not None:
-                done.append(row)
+        status = "done before" if row is None else f"overall test {row['test']['overall']:.1f} in {row['wall_s']:.0f} s"
+        write(f"[{i}/{len(cells)}] {cell.id}: {status}\n")
+        if row is not None:
+            done.append(row)
+    if elsewhere:
+        write(f"{len(elsewhere)} cells were left to the other runners of {out}: their rows come when they finish\n")
     if failed:
         raise RuntimeError(f"{len(failed)} cells failed (their logs: {out}/cells/<id>/train.log): {failed}")
     return done
