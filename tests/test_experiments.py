@@ -312,7 +312,28 @@ def test_report_tables_gap_and_claims(tmp_path):
     g = build_grid("budget", 4)  # the budget grid reads the val split
     run_grid(g, expand(g, [0, 1], 1, only=("sft", "kd")), out, FakeBackend())
     budget = write_report(out).split("## budget")[1]
-    assert "Val split" in budget and "Highest: 1 epochs" in budget and (out / "budget.png").is_file()
+    assert "Val split" in budget and "Chosen budget: **1 epochs**" in budget and (out / "budget.png").is_file()
+    assert "| sft | 45.0 | 45.0 | 45.0 | 45.0 | 45.0 | 45.0 |" in budget and "- kd: peak" in budget
+
+
+def test_budget_choice_and_where_the_gain_comes_from():
+    """Hand-computed: means over recipes at the budgets all three finished (ep1-4; aligntI's ep6 alone does
+    not count) 30.67, 36.67, 40.07, 40.67: the highest is ep4, ep3 lies within 1 point of it."""
+    from aligntI_patch.experiments.report import choose_budget, gain_source
+
+    sft = {1: 30.0, 2: 35.0, 3: 38.0, 4: 38.5}
+    kd = {1: 31.0, 2: 36.0, 3: 38.2, 4: 39.0}
+    aligntI = {1: 31.0, 2: 39.0, 3: 44.0, 4: 44.5, 6: 45.0}
+    assert choose_budget({"sft": sft, "kd": kd, "aligntI": aligntI}) == (3, 4)
+    assert choose_budget({"sft": sft, "kd": kd, "aligntI": aligntI}, tolerance=0.5) == (4, 4)
+    assert choose_budget({"sft": {1: 30.0}, "kd": {2: 31.0}}) is None  # no budget both finished
+    assert choose_budget({"sft": sft, "kd": {}}) is None  # a recipe with no finished cell yet
+    assert gain_source(aligntI, sft) == ("peak 44.5 at ep4 against SFT's 38.5 at ep4 (+6.0); reaches it at ep2: "
+                                         "**both sooner and higher**")
+    assert gain_source(kd, sft).endswith("(+0.5); reaches it at ep4: **neither sooner nor higher**")
+    assert gain_source({1: 38.5, 2: 38.6, 3: 38.0, 4: 38.0}, sft).endswith("reaches it at ep1: **sooner**")
+    assert gain_source({1: 31.0, 2: 33.0, 3: 36.0, 4: 39.5}, sft).endswith("reaches it at ep4: **higher**")
+    assert gain_source({1: 20.0, 2: 20.0}, sft).endswith("never reaches it: **neither sooner nor higher**")
 
 
 # ------------------------------------------------------------------------------------------ smoke

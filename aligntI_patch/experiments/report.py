@@ -119,10 +119,12 @@ def gap_section(groups: list[Group], rows: dict[str, dict], teacher: dict, colum
     """Gap recovered per family (teacher lead >= 10 points over SFT) and the families left out, per setting."""
     parts = []
     for setting in sorted({g.setting for g in groups}):
-        members = [g for g in groups if g.setting == setting and g.recipe != "sft"]
+        members = [g for g in groups if g.setting == setting and g.recipe != "sft" and g.values]
+        if not members:  # no student to compare at this setting yet
+            continue
         seeds = {s for g in members for v in g.values.values() for s in v}
         sft = sft_reference(setting, seeds, rows, split)
-        if not sft or not members:
+        if not sft:
             parts.append(f"Gap recovered ({_setting_label(setting)}): no `sft` cell at this setting in this out dir "
                          "(run `--only sft` of any grid with the same --epochs / --data-fraction).")
             continue
@@ -134,7 +136,7 @@ def gap_section(groups: list[Group], rows: dict[str, dict], teacher: dict, colum
             for c in kept:
                 common = set(g.values.get(c, {})) & set(sft[c])
                 gap = gap_recovered(_mean(g.values[c], common), _mean(sft[c], common), teacher[c]) if common else None
-                cells.append("-" if gap is None else f"{100 * gap:.0f} %")
+                cells.append("-" if gap is None else f"{round(100 * gap)} %")  # round: no "-0 %"
             lines.append([g.label, *cells])
         left_out = ", ".join(f"{c} (lead {lead[c]:+.1f})" for c in columns if c in lead and c not in kept)
         text = f"Gap recovered, (student - SFT) / (teacher - SFT), {_setting_label(setting)}:\n\n"
@@ -186,18 +188,73 @@ def claims_section(manifest: dict, groups: list[Group], columns: list[str], out:
             "with one seed it holds the test set's noise only, not the training run's.\n\n" + _table(header, lines))
 
 
-def best_budget(groups: list[Group]) -> str:
-    """The epochs with the highest val accuracy overall, averaged over the budget grid's recipes and seeds."""
-    by_epochs: dict[float, list[float]] = {}
+BUDGET_TOLERANCE = 1.0  # val points: the chosen budget is the fewest epochs within this of the highest mean
+
+
+def budget_curves(groups: list[Group]) -> dict[str, dict[float, float]]:
+    """{recipe: {epochs: mean val overall over the finished seeds}} of the budget grid (every recipe of the
+    grid, with an empty curve before its first cell finishes)."""
+    curves: dict[str, dict[float, float]] = {}
     for g in groups:
-        if "overall" in g.values:
-            by_epochs.setdefault(g.setting[0], []).extend(g.values["overall"].values())
-    if not by_epochs:
+        seeds = g.values.get("overall")
+        curve = curves.setdefault(g.recipe, {})
+        if seeds:
+            curve[g.setting[0]] = sum(seeds.values()) / len(seeds)
+    return curves
+
+
+def choose_budget(curves: dict[str, dict[float, float]], tolerance: float = BUDGET_TOLERANCE) -> tuple[float, float] | None:
+    """(chosen, highest) epochs on the val curves: over the budgets every recipe finished, the mean over recipes
+    (each recipe weighs the same), the highest, and the fewest epochs within `tolerance` points of it (more
+    epochs cost time in every cell and in the main job for less than the val split can tell apart)."""
+    complete = set.intersection(*(set(c) for c in curves.values())) if curves else set()
+    if not complete:
+        return None
+    means = {e: sum(c[e] for c in curves.values()) / len(curves) for e in sorted(complete)}
+    highest = max(means, key=means.get)  # a tie goes to the fewer epochs
+    return min(e for e in complete if means[e] >= means[highest] - tolerance), highest
+
+
+def gain_source(curve: dict[float, float], sft: dict[float, float], tolerance: float = BUDGET_TOLERANCE) -> str:
+    """Where a recipe's gain over SFT comes from on the val curves: *sooner* (it reaches SFT's peak at fewer
+    epochs than SFT), *higher* (its peak exceeds SFT's by `tolerance` points or more), both, or neither."""
+    shared = sorted(set(curve) & set(sft))
+    if not shared:
+        return "no budget shared with `sft`"
+    sft_at = max(shared, key=lambda e: sft[e])
+    own_at = max(shared, key=lambda e: curve[e])
+    reach = next((e for e in shared if curve[e] >= sft[sft_at]), None)
+    sooner = reach is not None and reach < sft_at
+    higher = curve[own_at] - sft[sft_at] >= tolerance
+    verdict = {(True, True): "both sooner and higher", (True, False): "sooner", (False, True): "higher",
+               (False, False): "neither sooner nor higher"}[sooner, higher]
+    reached = f"reaches it at ep{reach:g}" if reach is not None else "never reaches it"
+    return (f"peak {curve[own_at]:.1f} at ep{own_at:g} against SFT's {sft[sft_at]:.1f} at ep{sft_at:g} "
+            f"({curve[own_at] - sft[sft_at]:+.1f}); {reached}: **{verdict}**")
+
+
+def budget_section(groups: list[Group]) -> str:
+    """The val curves per recipe, the chosen budget and where each recipe's gain over SFT comes from."""
+    curves = budget_curves(groups)
+    if not any(curves.values()):
         return ""
-    means = {e: sum(v) / len(v) for e, v in by_epochs.items()}
-    best = max(means, key=means.get)
-    curve = ", ".join(f"ep{e:g} {m:.1f}" for e, m in sorted(means.items()))
-    return f"Mean val overall over recipes and seeds: {curve}. Highest: {best:g} epochs (val split only)."
+    epochs = sorted({e for c in curves.values() for e in c})
+    lines = [[recipe, *(f"{c[e]:.1f}" if e in c else "-" for e in epochs)] for recipe, c in curves.items()]
+    text = "Mean val overall per budget (over the finished seeds):\n\n" + _table(
+        ["recipe", *(f"ep{e:g}" for e in epochs)], lines)
+    choice = choose_budget(curves)
+    if choice is None:
+        text += "\n\nNo budget has a finished cell of every recipe yet: none is chosen."
+    else:
+        chosen, highest = choice
+        text += (f"\n\nChosen budget: **{chosen:g} epochs**, the fewest whose mean over the recipes is within "
+                 f"{BUDGET_TOLERANCE:g} point of the highest ({highest:g} epochs), among the budgets every recipe "
+                 "finished (val split only; the test split never chooses).")
+    others = [r for r, c in curves.items() if r != "sft" and c]
+    if curves.get("sft") and others:
+        text += "\n\nWhere the gain over SFT comes from (val):\n" + "".join(
+            f"\n- {r}: {gain_source(curves[r], curves['sft'])}" for r in others)
+    return text
 
 
 def load_out(out: Path) -> tuple[list[dict], dict[str, dict], dict]:
@@ -225,7 +282,7 @@ def grid_section(manifest: dict, rows: dict[str, dict], teacher_all: dict, out: 
             f"{split.capitalize()} split, accuracy %, mean ± 95 % t interval over seeds (n=1: no interval).")
     parts = [head, results_table(groups, teacher, columns)]
     if manifest["grid"] == "budget":
-        parts.append(best_budget(groups))
+        parts.append(budget_section(groups))
     parts += [gap_section(groups, rows, teacher, columns, split), claims_section(manifest, groups, columns, out)]
     if plot_grid(manifest, groups, teacher, columns, out / f"{manifest['grid']}.png"):
         parts.append(f"![{manifest['grid']}]({manifest['grid']}.png)")
