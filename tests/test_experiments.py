@@ -336,6 +336,62 @@ def test_budget_choice_and_where_the_gain_comes_from():
     assert gain_source({1: 20.0, 2: 20.0}, sft).endswith("never reaches it: **neither sooner nor higher**")
 
 
+# ------------------------------------------------------------------------------------------ Fig. 7 over seeds
+def _exposure_result(curves: dict[str, list[float]], max_len: int = 3) -> dict:
+    return {"max_len": max_len, "students": {n: {"ExAccErr": c} for n, c in curves.items()}}
+
+
+def test_exposure_summary_against_hand_computed_numbers(tmp_path):
+    from aligntI_patch.experiments.exposure import family_questions, mean_curves, summary
+
+    results = {0: _exposure_result({"kd": [0.0, 10.0, 40.0], "kd_tpa": [0.0, 5.0, 20.0]}),
+               1: _exposure_result({"kd": [0.0, 20.0, 50.0], "kd_tpa": [0.0, 5.0, 26.0]}),
+               2: _exposure_result({"kd": [0.0, 30.0, 60.0], "kd_tpa": [0.0, 5.0, 32.0]})}
+    curves = mean_curves(results)
+    assert list(curves) == ["kd", "kd_tpa"] and [e.mean for e in curves["kd"]] == [0.0, 20.0, 50.0]
+    assert curves["kd"][1].half == pytest.approx(4.3027 * 10 / 3 ** 0.5, abs=1e-3)  # sd 10 over 3 seeds
+    text = summary(results, max_len=3)
+    assert "| kd | 3 | 50.0 ± 24.8 |" in text and "| kd_tpa | 3 | 26.0 ± 14.9 |" in text
+    # paired differences -20, -24, -28: mean -24, sd 4 -> half 4.3027 * 4 / sqrt(3) = 9.94
+    assert "| kd_tpa − kd | TPA added to vanilla KD | 3 | -24.0 ± 9.9 | - |" in text
+    assert "aligntI −" not in text  # claims whose students are absent are left out
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "test_questions.jsonl").write_text(json.dumps({"text": "q", "family": "counting"}) + "\n")
+    with pytest.raises(ValueError, match="no 'describe' questions .*'counting'"):
+        family_questions(world, "test", "describe", tmp_path / "q.jsonl")
+
+
+def test_exposure_over_seeds_on_mini_checkpoints(tmp_path, mini_world, mini_checkpoint, mini_teacher, capsys):
+    """Cells faked by copies of one mini checkpoint (two recipes, two seeds): the real exposure analysis runs per
+    seed, identical students give a paired difference of exactly 0, a missing seed is skipped and reused
+    results are not recomputed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "setup.json").write_text(json.dumps({"teacher": str(mini_teacher), "world": str(mini_world)}))
+    for recipe in ("kd", "aligntI"):
+        for seed in (0, 1):
+            shutil.copytree(mini_checkpoint, out / "cells" / f"{recipe}-ep1-seed{seed}" / "student")
+    shutil.copytree(mini_checkpoint, out / "cells" / "kd-ep1-seed2" / "student")  # seed 2 lacks aligntI
+    argv = ["exposure", "--out", str(out), "--epochs", "1", "--seeds", "3", "--recipes", "kd,aligntI",
+            "--num-prompts", "4", "--max-len", "5", "--batch-size", "4"]
+    main(argv)
+    text = capsys.readouterr().out
+    assert "| aligntI − kd | Align-TI against vanilla KD | 2 | 0.0 ± 0.0 | ? |" in text
+    runs = sorted(p.name for p in (out / "exposure").glob("describe-L5-N4-ep1-seed*"))
+    assert runs == ["describe-L5-N4-ep1-seed0", "describe-L5-N4-ep1-seed1"]
+    seed0 = json.loads((out / "exposure" / runs[0] / "exposure_bias.json").read_text())
+    lines = (Path(mini_world) / "test_questions.jsonl").read_text().splitlines()
+    n_describe = sum(json.loads(line)["family"] == "describe" for line in lines)
+    assert seed0["num_prompts"] == min(4, n_describe) > 0 and len(seed0["students"]["kd"]["ExAccErr"]) == 5
+    last = seed0["students"]["kd"]["ExAccErr"][-1]
+    assert f"| kd | 2 | {last:.1f} ± 0.0 |" in text
+    assert (out / "exposure" / "fig7-describe-L5-N4-ep1.png").stat().st_size > 1000
+    stamp = (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns
+    main(argv)  # reused, not recomputed
+    assert (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns == stamp
+
+
 # ------------------------------------------------------------------------------------------ smoke
 @pytest.fixture(scope="module")
 def mini_teacher(mini_root, tokenizer, mini_checkpoint):

@@ -2,6 +2,7 @@
 
     python -m aligntI_patch.experiments run --grid NAME --seeds N --out DIR [--epochs E] [--only RECIPE] [--dry-run]
     python -m aligntI_patch.experiments report --out DIR
+    python -m aligntI_patch.experiments exposure --out DIR --epochs E [--seeds N] [--family describe]
     python -m aligntI_patch.experiments grids
 """
 
@@ -23,6 +24,7 @@ from aligntI_patch.experiments.context import (
     missing_parts,
     resolve_setup,
 )
+from aligntI_patch.experiments.exposure import FIG7_RECIPES, exposure_over_seeds
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, expand
 from aligntI_patch.experiments.report import write_report
 from aligntI_patch.experiments.runner import dry_run, run_grid
@@ -79,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     rep = sub.add_parser("report", help="write DIR/report.md and DIR/<grid>.png from an out dir, print the markdown")
     rep.add_argument("--out", required=True, help="the out dir of `run`")
+    exp = sub.add_parser("exposure", help="Fig. 7 over seeds: %%ExAccErr of the sft, kd, kd_tpa and aligntI cells "
+                         "(kept checkpoints) -> DIR/exposure/")
+    exp.add_argument("--out", required=True, help="the out dir of `run`")
+    exp.add_argument("--epochs", type=float, required=True, help="the cells' student epochs (the chosen budget)")
+    seeds = exp.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    seeds.add_argument("--seed-list", type=_seed_list, help="explicit seeds, e.g. 3,4 (instead of --seeds)")
+    exp.add_argument("--family", default="describe", help="question family of the prompts (default describe, the "
+                     "one with long answers)")
+    exp.add_argument("--recipes", default=",".join(FIG7_RECIPES), help="the students' recipes, comma-separated "
+                     "(default %(default)s)")
+    exp.add_argument("--max-len", type=int, default=48, help="generation steps L (default 48)")
+    exp.add_argument("--num-prompts", type=int, default=200, help="prompts, a seeded subset (default 200)")
+    exp.add_argument("--batch-size", type=int, default=16)
     sub.add_parser("grids", help="list the grids, their rows and claims (iva_layer for a 4-layer teacher)")
     return parser
 
@@ -134,6 +150,13 @@ def main(argv: list[str] | None = None) -> None:
         run(args, parser)
     elif args.command == "report":
         sys.stdout.write(write_report(args.out))
+    elif args.command == "exposure":
+        seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+        recipes = tuple(r for r in args.recipes.split(",") if r)
+        if not seeds or not recipes or args.max_len < 1:
+            parser.error("exposure needs seeds, --recipes and --max-len >= 1")
+        sys.stdout.write(exposure_over_seeds(args.out, args.epochs, seeds, args.family, recipes, args.max_len,
+                                             args.num_prompts, args.batch_size))
     else:
         list_grids()
 
