@@ -248,6 +248,34 @@ def test_runners_sharing_an_out_dir_train_each_cell_once(tmp_path):
     assert last.trained == ["kd-ep1-seed2"] and len(read_rows(out)) == 9
 
 
+def test_status_counts_cells_and_estimates_the_time_left(tmp_path, capsys):
+    """Hand-computed: the fake trains 60 s per epoch (aligntI 120 s) and scores in 10 s; loss_terms' 3 recipes x
+    3 seeds at 1 epoch are done, so budget's 15 unfinished cells of seed 0 (sft, kd at 2, 3, 4, 6, 8 epochs:
+    23 epochs each; aligntI the same at twice the rate) take (23 * 60 * 2 + 23 * 120) + 15 * 10 = 5670 s."""
+
+    class Timed(FakeBackend):
+        def train_and_evaluate(self, cell, cell_dir: Path) -> Outcome:
+            outcome = super().train_and_evaluate(cell, cell_dir)
+            rate = 120.0 if cell.recipe == "aligntI" else 60.0
+            return Outcome(outcome.scores, {"train_s": rate * cell.epochs, "eval_s": 10.0})
+
+    from aligntI_patch.experiments.runner import record_grid
+
+    out = tmp_path / "out"
+    _run(out, Timed())
+    g = build_grid("budget", 4)
+    record_grid(out, g, expand(g, [0], 1))
+    (out / "cells" / "kd-ep2-seed0").mkdir()  # started: running or interrupted
+    main(["status", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| budget | 18 | 3 | 1 | 14 |" in text and "| 1.6 h |" in text  # 5670 s
+    assert "| loss_terms | 9 | 9 | 0 | 0 | 0 min | 0 min |" in text  # spent: the fake takes no time
+    assert "| all (a shared cell once) | 24 | 9 |" in text  # budget's ep1 seed-0 cells are loss_terms'
+    assert "aligntI 120 s, kd 60 s, sft 60 s; scoring 10 s" in text
+    manifest = json.loads((out / "grids" / "budget.json").read_text())
+    assert all(e["options"] == {} for e in manifest["cells"])
+
+
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     main(["run", "--grid", "iva_weights", "--seeds", "2", "--out", str(out), "--teacher", str(tmp_path / "t"),

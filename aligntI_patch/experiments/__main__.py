@@ -3,6 +3,7 @@
     python -m aligntI_patch.experiments run --grid NAME --seeds N --out DIR [--epochs E] [--only RECIPE] [--dry-run]
     python -m aligntI_patch.experiments report --out DIR
     python -m aligntI_patch.experiments exposure --out DIR --epochs E [--seeds N] [--family describe]
+    python -m aligntI_patch.experiments status --out DIR
     python -m aligntI_patch.experiments grids
 """
 
@@ -28,6 +29,7 @@ from aligntI_patch.experiments.exposure import FIG7_RECIPES, exposure_over_seeds
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, expand
 from aligntI_patch.experiments.report import write_report
 from aligntI_patch.experiments.runner import dry_run, run_grid
+from aligntI_patch.experiments.status import status
 from llava.tiny.preset import STUDENT_STAGES
 
 
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-len", type=int, default=48, help="generation steps L (default 48)")
     exp.add_argument("--num-prompts", type=int, default=200, help="prompts, a seeded subset (default 200)")
     exp.add_argument("--batch-size", type=int, default=16)
+    st = sub.add_parser("status", help="per grid: cells finished / started / waiting, time spent and left")
+    st.add_argument("--out", required=True, help="the out dir of `run`")
     sub.add_parser("grids", help="list the grids, their rows and claims (iva_layer for a 4-layer teacher)")
     return parser
 
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         run(args, parser)
     elif args.command == "report":
         sys.stdout.write(write_report(args.out))
+    elif args.command == "status":
+        sys.stdout.write(status(args.out))
     elif args.command == "exposure":
         seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
         recipes = tuple(r for r in args.recipes.split(",") if r)

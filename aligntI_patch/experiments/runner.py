@@ -160,10 +160,13 @@ def record_grid(out: Path, grid: Grid, cells: list[Cell]) -> None:
     for c in cells:
         if c.id not in known:
             v = variants[c.variant]
-            entries.append({"variant": c.variant, "recipe": c.recipe, "epochs": c.epochs,
-                            "data_fraction": c.data_fraction, "seed": c.seed, "cell": c.id,
+            entries.append({"variant": c.variant, "recipe": c.recipe, "options": canonical_options(c.recipe, c.options),
+                            "epochs": c.epochs, "data_fraction": c.data_fraction, "seed": c.seed, "cell": c.id,
                             "series": v.series, "x": v.x, "extra_args": list(c.extra_args)})
             known.add(c.id)
+    for e in entries:  # entries recorded before options were
+        if "options" not in e and e["variant"] in variants:
+            e["options"] = canonical_options(e["recipe"], variants[e["variant"]].options)
     order = [v.name for v in grid.variants]
     write_json(path, {"grid": grid.name, "paper": grid.paper, "split": grid.split, "x_label": grid.x_label,
                       "variants": order, "claims": [asdict(c) for c in grid.claims], "cells": entries})
