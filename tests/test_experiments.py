@@ -276,6 +276,20 @@ def test_status_counts_cells_and_estimates_the_time_left(tmp_path, capsys):
     assert all(e["options"] == {} for e in manifest["cells"])
 
 
+def test_a_scored_student_loses_its_resume_state_and_keeps_weights_on_request(tmp_path):
+    from aligntI_patch.experiments.cell import prune_student
+
+    for keep in (True, False):
+        student = tmp_path / f"student-{keep}"
+        (student / "checkpoint-500").mkdir(parents=True)
+        (student / "checkpoint-500" / "optimizer.pt").write_bytes(b"x")
+        for name in ("model.safetensors", "config.json", "recipe.json"):
+            (student / name).write_text("{}")
+        prune_student(student, keep_weights=keep)
+        left = sorted(p.name for p in student.iterdir())
+        assert left == (["config.json", "model.safetensors", "recipe.json"] if keep else ["config.json", "recipe.json"])
+
+
 def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     main(["run", "--grid", "iva_weights", "--seeds", "2", "--out", str(out), "--teacher", str(tmp_path / "t"),

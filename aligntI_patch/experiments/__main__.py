@@ -54,8 +54,8 @@ def _run_parser(sub) -> None:
                    help="share of finetune.json each student sees (default 1; the data_fraction grid sets its own)")
     p.add_argument("--only", action="append", default=[], metavar="RECIPE", help="keep the rows of these recipes")
     p.add_argument("--dry-run", action="store_true", help="print the commands; train nothing, write nothing")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each student's weights (default: deleted "
-                   "after scoring; logs and recipe.json stay)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each student's final weights (default: "
+                   "deleted after scoring; trainer checkpoints always are; logs and recipe.json stay)")
     p.add_argument("--keep-going", action="store_true", help="after a failed cell, run the others (then fail)")
     p.add_argument("--root", default=str(REPO / "playground" / "tiny"),
                    help="tiny preset cache, built there when missing (default: the repository's playground/tiny)")

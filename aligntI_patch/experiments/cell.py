@@ -9,8 +9,8 @@ Design choices
   anyway); its output goes to CELL/train.log. Scoring runs in this process (`evaluate_tiny`).
 - A data fraction below 1 trains on CELL/finetune_subset.json: the first round(f * n) records of a
   permutation drawn from the seed, kept in the original order, so the 25 % subset is inside the 50 % one.
-- After scoring, the student's weights (and trainer checkpoints) are deleted unless `keep_checkpoints`; the
-  log, recipe.json, irs.json, config and trainer_state.json stay.
+- After scoring, the student's trainer checkpoints (resume state) are deleted, and its weights too unless
+  `keep_checkpoints`; the log, recipe.json, irs.json, config and trainer_state.json stay.
 """
 
 from __future__ import annotations
@@ -99,10 +99,13 @@ def question_scores(question_file: Path, answers_file: Path) -> dict[str, float]
             for q in read_jsonl(question_file) if q["question_id"] in replies}
 
 
-def prune_weights(output_dir: Path) -> None:
-    """Delete trainer checkpoints and weight files of a trained student; keep logs, configs and recipe.json."""
+def prune_student(output_dir: Path, keep_weights: bool) -> None:
+    """Delete a scored student's trainer checkpoints (resume state, optimizer included: a finished cell never
+    resumes) and, unless `keep_weights`, its weight files; logs, configs and recipe.json stay."""
     for path in output_dir.glob("checkpoint-*"):
         shutil.rmtree(path)
+    if keep_weights:
+        return
     for path in output_dir.iterdir():
         if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
             path.unlink()
@@ -184,6 +187,5 @@ class TinyBackend:
             raise CellFailed(f"cell {cell.id}: distill exited with {rc}; the end of {log}:\n{_tail(log)}")
         scores = self.evaluate(out, cell_dir)
         eval_s = time.monotonic() - start - train_s
-        if not self.keep_checkpoints:
-            prune_weights(out)
+        prune_student(out, keep_weights=self.keep_checkpoints)
         return Outcome(scores, {"train_s": round(train_s, 1), "eval_s": round(eval_s, 1)})
