@@ -37,3 +37,25 @@ def test_preset_paths_and_completion(tmp_path):
     assert not is_complete(tmp_path)
     (tmp_path / "mm_projector.safetensors").write_bytes(b"x")
     assert is_complete(tmp_path)
+
+
+def test_an_opt_in_longer_teacher_shares_stage_1_and_leaves_the_presets_teacher(tmp_path):
+    from llava.tiny.preset import TEACHER_STAGES, long_teacher_dir, teacher_stages
+
+    p = preset_paths(tmp_path, "qwen2")
+
+    def epochs_and_out(stage) -> tuple[str, str]:
+        args = stage[1]
+        return args[args.index("--num_train_epochs") + 1], args[args.index("--output_dir") + 1]
+
+    default = teacher_stages(p, "qwen2")
+    assert [s[2] for s in default] == [p["teacher_stage1"], p["teacher"]]
+    assert epochs_and_out(default[1]) == (str(TEACHER_STAGES["stage2"]["epochs"]), str(p["teacher"]))
+    assert teacher_stages(p, "qwen2", TEACHER_STAGES["stage2"]["epochs"]) == default
+    longer = teacher_stages(p, "qwen2", 8)
+    assert longer[0] == default[0]  # the same cached stage 1
+    assert longer[1][2] == long_teacher_dir(tmp_path, "qwen2", 8) == tmp_path / "teacher" / "qwen2-stage2-ep8"
+    assert epochs_and_out(longer[1]) == ("8", str(tmp_path / "teacher" / "qwen2-stage2-ep8"))
+    assert longer[1][1][:2] == ["--model_name_or_path", str(p["teacher_stage1"])]
+    with pytest.raises(ValueError, match="--teacher-epochs must be > 0"):
+        teacher_stages(p, "qwen2", 0)

@@ -2,6 +2,7 @@
 
     python -m llava.tiny.preset prepare  [--root playground/tiny] [--backbone qwen2]   # world + bases
     python -m llava.tiny.preset teacher  [--root ...] [--backbone ...]                 # + trained teacher
+    python -m llava.tiny.preset teacher  --teacher-epochs 12                            # opt-in: a longer stage 2
     python -m llava.tiny.preset paths    [--root ...] [--backbone ...]                 # shell-friendly paths
 
 No pretrained model exists offline, so the tiny world grows its own: a tiny SigLIP is pretrained on the
@@ -106,21 +107,40 @@ def run_stage(module: str, args: list[str], output_dir: Path) -> Path:
     return output_dir
 
 
-def train_teacher(root: Path | str = "playground/tiny", backbone: str = "qwen2") -> dict[str, Path]:
-    """Teacher stage 1 (captions) then stage 2 (instruction mix), with the frozen pretrained tiny SigLIP."""
+def long_teacher_dir(root: Path | str, backbone: str, stage2_epochs: float) -> Path:
+    """Where an opt-in teacher with `stage2_epochs` of stage 2 is cached (beside the preset's, never over it)."""
+    return Path(root) / "teacher" / f"{backbone}-stage2-ep{stage2_epochs:g}"
+
+
+def teacher_stages(p: dict[str, Path], backbone: str, stage2_epochs: float | None = None
+                   ) -> list[tuple[str, list[str], Path]]:
+    """(module, arguments, output dir) of the teacher's stage 1 (captions) and stage 2 (instruction mix), with the
+    frozen pretrained tiny SigLIP. `stage2_epochs` other than the preset's gives an opt-in teacher: the same
+    stage 1, that many stage-2 epochs, output at `long_teacher_dir` (the preset's teacher is left as it is)."""
+    s1, s2 = TEACHER_STAGES["stage1"], dict(TEACHER_STAGES["stage2"])
+    out = p["teacher"]
+    if stage2_epochs is not None and stage2_epochs != s2["epochs"]:
+        if stage2_epochs <= 0:
+            raise ValueError(f"--teacher-epochs must be > 0, got {stage2_epochs}")
+        s2["epochs"] = stage2_epochs
+        out = long_teacher_dir(p["root"], backbone, stage2_epochs)
+    stage1 = ["--model_name_or_path", str(p["teacher_base"]), "--vision_tower", str(p["siglip"]),
+              *common_train_args(p["teacher_stage1"], p["world"] / s1["data"], p["images"], s1["version"],
+                                 s1["epochs"], s1["lr"], s1["batch"])]
+    stage2 = ["--model_name_or_path", str(p["teacher_stage1"]),
+              *common_train_args(out, p["world"] / s2["data"], p["images"], template_for(backbone), s2["epochs"],
+                                 s2["lr"], s2["batch"])]
+    return [("llava.train.train", stage1, p["teacher_stage1"]), ("llava.train.train", stage2, out)]
+
+
+def train_teacher(root: Path | str = "playground/tiny", backbone: str = "qwen2",
+                  stage2_epochs: float | None = None) -> dict[str, Path]:
+    """The preset's paths after building the teacher (`teacher_stages`); "teacher" is the one built."""
     p = prepare(root, backbone)
-    s1, s2 = TEACHER_STAGES["stage1"], TEACHER_STAGES["stage2"]
-    run_stage("llava.train.train", [
-        "--model_name_or_path", str(p["teacher_base"]), "--vision_tower", str(p["siglip"]),
-        *common_train_args(p["teacher_stage1"], p["world"] / s1["data"], p["images"], s1["version"],
-                           s1["epochs"], s1["lr"], s1["batch"]),
-    ], p["teacher_stage1"])
-    run_stage("llava.train.train", [
-        "--model_name_or_path", str(p["teacher_stage1"]),
-        *common_train_args(p["teacher"], p["world"] / s2["data"], p["images"], template_for(backbone),
-                           s2["epochs"], s2["lr"], s2["batch"]),
-    ], p["teacher"])
-    return p
+    stages = teacher_stages(p, backbone, stage2_epochs)
+    for module, args, out in stages:
+        run_stage(module, args, out)
+    return {**p, "teacher": stages[-1][2]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,12 +148,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["prepare", "teacher", "paths"])
     parser.add_argument("--root", default="playground/tiny", help="cache root of the tiny preset")
     parser.add_argument("--backbone", default="qwen2", choices=["qwen2", "qwen3"], help="LLM family")
+    parser.add_argument("--teacher-epochs", type=float, default=None,
+                        help=f"teacher: stage-2 epochs of an opt-in longer teacher (the preset's: "
+                             f"{TEACHER_STAGES['stage2']['epochs']}), cached at ROOT/teacher/<backbone>-stage2-epN")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[tiny-preset] %(message)s")
     if args.command == "prepare":
         prepare(args.root, args.backbone)
     elif args.command == "teacher":
-        train_teacher(args.root, args.backbone)
+        sys.stdout.write(f"teacher: {train_teacher(args.root, args.backbone, args.teacher_epochs)['teacher']}\n")
     else:
         for key, value in preset_paths(args.root, args.backbone).items():
             sys.stdout.write(f"TINY_{key.upper()}={shlex.quote(str(value))}\n")
