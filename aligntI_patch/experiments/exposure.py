@@ -2,13 +2,14 @@
 
     python -m aligntI_patch.experiments exposure --out DIR --epochs E [--seeds N] [--family describe]
 
-Per seed, the students of the four cells at E epochs (run with `--keep-checkpoints`: the weights are needed) go
-through `aligntI_patch.exposure_bias` against DIR's teacher on the same prompts: a seeded subset of the test
-split's questions of one family (`describe` by default, the only family with long answers), the same for every
-seed, so that seeds differ only in the students' training. Each seed's result is
-DIR/exposure/<family>-L<L>-N<prompts>-ep<E>-seed<S>/exposure_bias.json, reused when present. Then, over seeds: the mean %ExAccErr curve
-per student with its 95 % t band (DIR/exposure/fig7-<family>-L<L>-N<prompts>-ep<E>.png), %ExAccErr at l = L per student, and paired
-differences (same seed) for the paper's claim that TPA lowers exposure-bias error (a `-` sign: it does).
+Per seed, the students of the four cells at E epochs (run with `--keep-checkpoints`: the weights are needed)
+go through `aligntI_patch.exposure_bias` against DIR's teacher on the same prompts: a seeded subset of the test
+split's questions of one family (`describe` by default, the only family with long answers), the same for
+every seed, so that seeds differ only in the students' training. Each seed's result is
+DIR/exposure/<family>-L<L>-N<prompts>-ep<E>-seed<S>/exposure_bias.json, reused when present. Then, over
+seeds: the mean %ExAccErr curve per student with its 95 % t band (DIR/exposure/fig7-<same name>.png),
+%ExAccErr at l = L per student, and paired differences (same seed) for the paper's claim that TPA lowers
+exposure-bias error (a `-` sign: it does).
 """
 
 from __future__ import annotations

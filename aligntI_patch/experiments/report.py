@@ -87,7 +87,7 @@ def columns_of(groups: list[Group], teacher: dict) -> list[str]:
     return [f for f in FAMILIES if f in present] + sorted(present - set(FAMILIES)) + ["overall"]
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
@@ -97,7 +97,7 @@ def results_table(groups: list[Group], teacher: dict, columns: list[str]) -> str
     for g in groups:
         n = max((len(v) for v in g.values.values()), default=0)
         lines.append([g.label, str(n), *(e.format() if (e := g.estimate(c)) else "-" for c in columns)])
-    return _table(["model", "seeds", *columns], lines)
+    return markdown_table(["model", "seeds", *columns], lines)
 
 
 def sft_reference(setting: Setting, seeds: set[int], rows: dict[str, dict], split: str) -> dict[str, dict[int, float]]:
@@ -140,7 +140,8 @@ def gap_section(groups: list[Group], rows: dict[str, dict], teacher: dict, colum
             lines.append([g.label, *cells])
         left_out = ", ".join(f"{c} (lead {lead[c]:+.1f})" for c in columns if c in lead and c not in kept)
         text = f"Gap recovered, (student - SFT) / (teacher - SFT), {_setting_label(setting)}:\n\n"
-        text += _table(["model", *kept], lines) if kept else "no family where the teacher leads SFT by 10 points."
+        text += (markdown_table(["model", *kept], lines) if kept
+                 else "no family where the teacher leads SFT by 10 points.")
         if left_out:
             text += f"\n\nLeft out (the teacher leads SFT by less than {MIN_TEACHER_LEAD:g} points: no signal): {left_out}."
         parts.append(text)
@@ -185,7 +186,8 @@ def claims_section(manifest: dict, groups: list[Group], columns: list[str], out:
               "seeds x questions"]
     return ("Paired differences (same seed), mean ± 95 % t interval over seeds; sign: + / - when the interval "
             "excludes 0, ? when it spans 0. The bootstrap column resamples seeds and questions together (paired): "
-            "with one seed it holds the test set's noise only, not the training run's.\n\n" + _table(header, lines))
+            "with one seed it holds the test set's noise only, not the training run's.\n\n"
+            + markdown_table(header, lines))
 
 
 BUDGET_TOLERANCE = 1.0  # val points: the chosen budget is the fewest epochs within this of the highest mean
@@ -203,7 +205,8 @@ def budget_curves(groups: list[Group]) -> dict[str, dict[float, float]]:
     return curves
 
 
-def choose_budget(curves: dict[str, dict[float, float]], tolerance: float = BUDGET_TOLERANCE) -> tuple[float, float] | None:
+def choose_budget(curves: dict[str, dict[float, float]],
+                  tolerance: float = BUDGET_TOLERANCE) -> tuple[float, float] | None:
     """(chosen, highest) epochs on the val curves: over the budgets every recipe finished, the mean over recipes
     (each recipe weighs the same), the highest, and the fewest epochs within `tolerance` points of it (more
     epochs cost time in every cell and in the main job for less than the val split can tell apart)."""
@@ -240,7 +243,7 @@ def budget_section(groups: list[Group]) -> str:
         return ""
     epochs = sorted({e for c in curves.values() for e in c})
     lines = [[recipe, *(f"{c[e]:.1f}" if e in c else "-" for e in epochs)] for recipe, c in curves.items()]
-    text = "Mean val overall per budget (over the finished seeds):\n\n" + _table(
+    text = "Mean val overall per budget (over the finished seeds):\n\n" + markdown_table(
         ["recipe", *(f"ep{e:g}" for e in epochs)], lines)
     choice = choose_budget(curves)
     if choice is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from aligntI_patch.experiments.report import _table, load_out
+from aligntI_patch.experiments.report import load_out, markdown_table
 
 
 def _key(recipe: str, options: dict) -> str:
@@ -30,11 +30,11 @@ def training_rates(rows: Iterable[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in per.items()}
 
 
-def cell_seconds(entry: dict, options: dict, rates: dict[str, float], scoring_s: float) -> float | None:
-    """Estimated seconds of one unfinished cell (None before any cell has finished)."""
+def cell_seconds(entry: dict, rates: dict[str, float], scoring_s: float) -> float | None:
+    """Estimated seconds of one unfinished cell of a grids/<grid>.json (None before any cell has finished)."""
     if not rates:
         return None
-    exact = rates.get(_key(entry["recipe"], options))
+    exact = rates.get(_key(entry["recipe"], entry.get("options", {})))
     same_recipe = [v for k, v in rates.items() if k.split(" ")[0] == entry["recipe"]]
     rate = exact if exact is not None else (sum(same_recipe) / len(same_recipe) if same_recipe
                                             else sum(rates.values()) / len(rates))
@@ -57,7 +57,7 @@ def status(out: str | Path) -> str:
 
     def seconds(entry: dict) -> float | None:  # spent on a finished cell, else the estimate of what is left
         row = rows.get(entry["cell"])
-        return row.get("wall_s", 0.0) if row else cell_seconds(entry, entry.get("options", {}), rates, scoring_s)
+        return row.get("wall_s", 0.0) if row else cell_seconds(entry, rates, scoring_s)
 
     lines, every = [], {}
     for manifest in manifests:
@@ -77,6 +77,6 @@ def status(out: str | Path) -> str:
     header = ["grid", "cells", "finished", "started (running or interrupted)", "waiting", "spent",
               "left (one runner, estimated)"]
     rate_text = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(rates.items())) or "none yet"
-    return (f"# {out}\n\n" + _table(header, lines) + f"\n\nTraining per epoch of the full data, measured here: "
-            f"{rate_text}; scoring {scoring_s:.0f} s per cell. A recipe's flags not measured yet take the recipe's "
-            "mean rate, a recipe not measured yet the mean of all.\n")
+    return (f"# {out}\n\n" + markdown_table(header, lines) + "\n\nTraining per epoch of the full data, measured "
+            f"here: {rate_text}; scoring {scoring_s:.0f} s per cell. A recipe's flags not measured yet take the "
+            "recipe's mean rate, a recipe not measured yet the mean of all.\n")
