@@ -365,16 +365,17 @@ def chunked_divergence(
     t_bias = None if teacher_bias is None else teacher_bias.detach()[:vocab_size]
     s_bias = None if student_bias is None else student_bias[:vocab_size]
 
-    def chunk_loss(s_logits: Tensor, start: int, end: int) -> Tensor:
+    def teacher_logits(start: int, end: int) -> Tensor:  # (c, V), a constant
         with torch.no_grad():
-            t_logits = F.linear(t_hidden[start:end], t_head, t_bias)  # (c, V)
-        div = token_divergence(s_logits, t_logits, kind, **div_kw)  # (c,)
+            return F.linear(t_hidden[start:end], t_head, t_bias)
+
+    def chunk_loss(s_logits: Tensor, start: int, end: int) -> Tensor:
+        div = token_divergence(s_logits, teacher_logits(start, end), kind, **div_kw)  # (c,)
         return (weights[start:end].to(div.dtype) * div).sum()
 
     def fkl_grad(s_logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor]:  # Eq. 2's D_KL, no graph
-        with torch.no_grad():
-            t_logits = F.linear(t_hidden[start:end], t_head, t_bias)  # (c, V)
-        return fkl_sum_and_grad(s_logits, t_logits, weights[start:end], div_kw.get("temperature", 1.0))
+        return fkl_sum_and_grad(s_logits, teacher_logits(start, end), weights[start:end],
+                                div_kw.get("temperature", 1.0))
 
     return _linear_loss(student_hidden, student_head[:vocab_size], s_bias, chunk_loss, chunk_size, chunk_elements,
                         head_grad, fkl_grad if kind == "fkl" else None)
