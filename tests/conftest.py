@@ -41,3 +41,15 @@ def mini_checkpoint(mini_root, tokenizer):
     from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
 
     return save_mini_checkpoint(mini_llava(tokenizer), tokenizer, mini_root / "ckpt_qwen2")
+
+
+@pytest.fixture(scope="session")
+def mini_teacher(mini_root, tokenizer, mini_checkpoint):
+    """A saved 3-layer mini teacher sharing the mini student's vision tower (N_v 16)."""
+    from llava.model.builder import load_pretrained_model
+    from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
+
+    _, student, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu")
+    teacher = mini_llava(tokenizer, num_layers=3, hidden=48, role="teacher", seed=2)
+    teacher.get_model().vision_tower.load_state_dict(student.get_model().vision_tower.state_dict())
+    return save_mini_checkpoint(teacher, tokenizer, mini_root / "exp_teacher")

@@ -18,13 +18,6 @@ from aligntI_patch.experiments.context import Setup
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, cell_id, expand, table7_layers
 from aligntI_patch.experiments.report import write_report
 from aligntI_patch.experiments.runner import read_rows, run_grid
-from aligntI_patch.experiments.stats import (
-    gap_recovered,
-    mean_interval,
-    paired_bootstrap,
-    paired_difference,
-    t_quantile_975,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,34 +302,7 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
         main(["run", "--grid", "divergences", "--out", str(out), "--seeds", "0", "--dry-run"])
 
 
-# ------------------------------------------------------------------------------------------ statistics
-def test_statistics_against_hand_computed_numbers():
-    assert t_quantile_975(2) == 4.3027 and t_quantile_975(30) == 2.0423
-    for df, t in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):  # beyond the table: Cornish-Fisher
-        assert t_quantile_975(df) == pytest.approx(t, abs=1e-3)
-    e = mean_interval([30.0, 33.0, 36.0])  # sd 3, se sqrt(3): half = 4.3027 * 3 / sqrt(3)
-    assert e.mean == 33.0 and e.half == pytest.approx(7.4525, abs=1e-4) and e.format() == "33.0 ± 7.5"
-    one = mean_interval([42.0])
-    assert one.half is None and one.format() == "42.0 (n=1)" and one.sign() == "n=1"
-    d = paired_difference({0: 60.0, 1: 70.0, 2: 65.0, 3: 1.0}, {0: 50.0, 1: 52.0, 2: 60.0})  # seed 3 unpaired
-    # differences 10, 18, 5: mean 11, sd sqrt(43), half 4.3027 * sqrt(43 / 3)
-    assert d.n == 3 and d.mean == 11.0 and d.half == pytest.approx(16.290, abs=1e-3) and d.sign() == "?"
-    assert mean_interval([3.0, 4.0, 5.0]).sign() == "+" and paired_difference({0: 1.0}, {1: 1.0}) is None
-    assert gap_recovered(54.0, 45.0, 80.0) == pytest.approx(9 / 35)
-    assert gap_recovered(49.0, 47.0, 50.0) is None  # the teacher leads by 3 < 10 points: no signal
-    assert gap_recovered(50.0, 40.0, 50.0) == 1.0  # a lead of exactly 10 counts
-    # paired bootstrap over seeds x questions: a constant difference has a zero-width interval; unshared seeds
-    # and questions are dropped; a difference on half the questions of one seed stays inside [0, 100]
-    a = {0: {"q1": 1.0, "q2": 1.0, "q3": 0.5}, 1: {"q1": 1.0, "q2": 0.0, "q3": 1.0}, 2: {"q1": 1.0}}
-    b = {0: {"q1": 0.0, "q2": 0.0, "q3": -0.5, "q9": 1.0}, 1: {"q1": 0.0, "q2": -1.0, "q3": 0.0}}
-    boot = paired_bootstrap(a, b, n_boot=200)
-    assert (boot.mean, boot.low, boot.high, boot.n_seeds, boot.n_questions) == (100.0, 100.0, 100.0, 2, 3)
-    assert boot.sign() == "+" and boot.format() == "100.0 [100.0, 100.0]"
-    half = paired_bootstrap({0: {"q1": 1.0, "q2": 0.0}}, {0: {"q1": 0.0, "q2": 0.0}}, n_boot=500)
-    assert half.mean == 50.0 and half.low == 0.0 and half.high == 100.0 and half.sign() == "?"
-    assert paired_bootstrap({0: {"q1": 1.0}}, {1: {"q1": 1.0}}) is None
-
-
+# ------------------------------------------------------------------------------------------ report
 def test_report_tables_gap_and_claims(tmp_path):
     out = tmp_path / "out"
     _run(out, FakeBackend())
@@ -358,95 +324,7 @@ def test_report_tables_gap_and_claims(tmp_path):
     assert "| sft | 45.0 | 45.0 | 45.0 | 45.0 | 45.0 | 45.0 |" in budget and "- kd: peak" in budget
 
 
-def test_budget_choice_and_where_the_gain_comes_from():
-    """Hand-computed: means over recipes at the budgets all three finished (ep1-4; aligntI's ep6 alone does
-    not count) 30.67, 36.67, 40.07, 40.67: the highest is ep4, ep3 lies within 1 point of it."""
-    from aligntI_patch.experiments.report import choose_budget, gain_source
-
-    sft = {1: 30.0, 2: 35.0, 3: 38.0, 4: 38.5}
-    kd = {1: 31.0, 2: 36.0, 3: 38.2, 4: 39.0}
-    aligntI = {1: 31.0, 2: 39.0, 3: 44.0, 4: 44.5, 6: 45.0}
-    assert choose_budget({"sft": sft, "kd": kd, "aligntI": aligntI}) == (3, 4)
-    assert choose_budget({"sft": sft, "kd": kd, "aligntI": aligntI}, tolerance=0.5) == (4, 4)
-    assert choose_budget({"sft": {1: 30.0}, "kd": {2: 31.0}}) is None  # no budget both finished
-    assert choose_budget({"sft": sft, "kd": {}}) is None  # a recipe with no finished cell yet
-    assert gain_source(aligntI, sft) == ("peak 44.5 at ep4 against SFT's 38.5 at ep4 (+6.0); reaches it at ep2: "
-                                         "**both sooner and higher**")
-    assert gain_source(kd, sft).endswith("(+0.5); reaches it at ep4: **neither sooner nor higher**")
-    assert gain_source({1: 38.5, 2: 38.6, 3: 38.0, 4: 38.0}, sft).endswith("reaches it at ep1: **sooner**")
-    assert gain_source({1: 31.0, 2: 33.0, 3: 36.0, 4: 39.5}, sft).endswith("reaches it at ep4: **higher**")
-    assert gain_source({1: 20.0, 2: 20.0}, sft).endswith("never reaches it: **neither sooner nor higher**")
-
-
-# ------------------------------------------------------------------------------------------ Fig. 7 over seeds
-def _exposure_result(curves: dict[str, list[float]], max_len: int = 3) -> dict:
-    return {"max_len": max_len, "students": {n: {"ExAccErr": c} for n, c in curves.items()}}
-
-
-def test_exposure_summary_against_hand_computed_numbers(tmp_path):
-    from aligntI_patch.experiments.exposure import family_questions, mean_curves, summary
-
-    results = {0: _exposure_result({"kd": [0.0, 10.0, 40.0], "kd_tpa": [0.0, 5.0, 20.0]}),
-               1: _exposure_result({"kd": [0.0, 20.0, 50.0], "kd_tpa": [0.0, 5.0, 26.0]}),
-               2: _exposure_result({"kd": [0.0, 30.0, 60.0], "kd_tpa": [0.0, 5.0, 32.0]})}
-    curves = mean_curves(results)
-    assert list(curves) == ["kd", "kd_tpa"] and [e.mean for e in curves["kd"]] == [0.0, 20.0, 50.0]
-    assert curves["kd"][1].half == pytest.approx(4.3027 * 10 / 3 ** 0.5, abs=1e-3)  # sd 10 over 3 seeds
-    text = summary(results, max_len=3)
-    assert "| kd | 3 | 50.0 ± 24.8 |" in text and "| kd_tpa | 3 | 26.0 ± 14.9 |" in text
-    # paired differences -20, -24, -28: mean -24, sd 4 -> half 4.3027 * 4 / sqrt(3) = 9.94
-    assert "| kd_tpa − kd | TPA added to vanilla KD | 3 | -24.0 ± 9.9 | - |" in text
-    assert "aligntI −" not in text  # claims whose students are absent are left out
-    world = tmp_path / "world"
-    world.mkdir()
-    (world / "test_questions.jsonl").write_text(json.dumps({"text": "q", "family": "counting"}) + "\n")
-    with pytest.raises(ValueError, match="no 'describe' questions .*'counting'"):
-        family_questions(world, "test", "describe", tmp_path / "q.jsonl")
-
-
-def test_exposure_over_seeds_on_mini_checkpoints(tmp_path, mini_world, mini_checkpoint, mini_teacher, capsys):
-    """Cells faked by copies of one mini checkpoint (two recipes, two seeds): the real exposure analysis runs per
-    seed, identical students give a paired difference of exactly 0, a missing seed is skipped and reused
-    results are not recomputed."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "setup.json").write_text(json.dumps({"teacher": str(mini_teacher), "world": str(mini_world)}))
-    for recipe in ("kd", "aligntI"):
-        for seed in (0, 1):
-            shutil.copytree(mini_checkpoint, out / "cells" / f"{recipe}-ep1-seed{seed}" / "student")
-    shutil.copytree(mini_checkpoint, out / "cells" / "kd-ep1-seed2" / "student")  # seed 2 lacks aligntI
-    argv = ["exposure", "--out", str(out), "--epochs", "1", "--seeds", "3", "--recipes", "kd,aligntI",
-            "--num-prompts", "4", "--max-len", "5", "--batch-size", "4"]
-    main(argv)
-    text = capsys.readouterr().out
-    assert "| aligntI − kd | Align-TI against vanilla KD | 2 | 0.0 ± 0.0 | ? |" in text
-    runs = sorted(p.name for p in (out / "exposure").glob("describe-L5-N4-ep1-seed*"))
-    assert runs == ["describe-L5-N4-ep1-seed0", "describe-L5-N4-ep1-seed1"]
-    seed0 = json.loads((out / "exposure" / runs[0] / "exposure_bias.json").read_text())
-    lines = (Path(mini_world) / "test_questions.jsonl").read_text().splitlines()
-    n_describe = sum(json.loads(line)["family"] == "describe" for line in lines)
-    assert seed0["num_prompts"] == min(4, n_describe) > 0 and len(seed0["students"]["kd"]["ExAccErr"]) == 5
-    last = seed0["students"]["kd"]["ExAccErr"][-1]
-    assert f"| kd | 2 | {last:.1f} ± 0.0 |" in text
-    assert (out / "exposure" / "fig7-describe-L5-N4-ep1.png").stat().st_size > 1000
-    stamp = (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns
-    main(argv)  # reused, not recomputed
-    assert (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns == stamp
-
-
 # ------------------------------------------------------------------------------------------ smoke
-@pytest.fixture(scope="module")
-def mini_teacher(mini_root, tokenizer, mini_checkpoint):
-    """A 3-layer mini teacher sharing the mini student's vision tower (N_v 16)."""
-    from llava.model.builder import load_pretrained_model
-    from llava.tiny.fixtures import mini_llava, save_mini_checkpoint
-
-    _, student, _, _ = load_pretrained_model(str(mini_checkpoint), device="cpu")
-    teacher = mini_llava(tokenizer, num_layers=3, hidden=48, role="teacher", seed=2)
-    teacher.get_model().vision_tower.load_state_dict(student.get_model().vision_tower.state_dict())
-    return save_mini_checkpoint(teacher, tokenizer, mini_root / "exp_teacher")
-
-
 @pytest.mark.slow
 def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mini_checkpoint, mini_teacher,
                                                         capsys):

@@ -31,8 +31,10 @@ FIG7_CLAIMS = (("kd_tpa", "kd", "TPA added to vanilla KD"), ("aligntI", "kd", "A
 
 def family_questions(world: Path, split: str, family: str, dest: Path) -> Path:
     """Write the `family` questions of the world's `split` to `dest` (question jsonl); an unknown family is an error."""
+    from llava.generation import read_questions
+
     source = world / f"{split}_questions.jsonl"
-    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_questions(source)
     kept = [r for r in rows if r.get("family") == family]
     if not kept:
         families = sorted({r.get("family") for r in rows} - {None})
