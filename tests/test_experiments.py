@@ -138,6 +138,9 @@ class FakeBackend:
     def describe(self, cell, cell_dir) -> str:
         return f"train {cell.id}"
 
+    def resume_point(self, cell, cell_dir) -> Path | None:  # a file "checkpoint" stands for a trainer checkpoint
+        return cell_dir / "checkpoint" if (cell_dir / "checkpoint").is_file() else None
+
     def evaluate_teacher(self) -> dict:
         self.teacher_scored += 1
         return {"test": _summary(TEACHER), "val": _summary(TEACHER)}
@@ -149,7 +152,9 @@ class FakeBackend:
         self.trained.append(cell.id)
         test = dict(zip(("attribute", "counting", "overall"), SCORES[cell.recipe][cell.seed]))
         val = {k: v - 0.01 for k, v in test.items()}
-        return Outcome({"test": _summary(test), "val": _summary(val)}, {"train_s": 1.0})
+        timings = {"train_s": 1.0} if self.resume_point(cell, cell_dir) is None else {"train_s": 101.0,
+                                                                                        "earlier_s": 100.0}
+        return Outcome({"test": _summary(test), "val": _summary(val)}, timings)
 
 
 def _run(out: Path, backend: FakeBackend, grid: str = "loss_terms", seeds=(0, 1, 2), **kw) -> list[dict]:
@@ -189,6 +194,31 @@ def test_finished_cells_are_skipped_and_interrupted_ones_rerun_cleanly(tmp_path)
     assert fourth.trained == []
     with pytest.raises(ValueError, match="another setup"):
         _run(out, FakeBackend(teacher="another-teacher"))
+
+
+def test_an_interrupted_cell_with_a_checkpoint_resumes(tmp_path):
+    """The same cell (cell.json) with a checkpoint keeps its dir and resumes (its wall time adds the earlier
+    runs'); a checkpoint of a cell recorded otherwise, or no checkpoint, restarts from an empty dir."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, FakeBackend(fail=("sft-ep1-seed0", )), seeds=(0,))
+    with_checkpoint = out / "cells" / "sft-ep1-seed0"
+    (with_checkpoint / "checkpoint").write_text("step 200")
+    for seed in (1, 2):
+        with pytest.raises(KeyboardInterrupt):
+            _run(out, FakeBackend(fail=(f"sft-ep1-seed{seed}", )), seeds=(seed,))
+    other = out / "cells" / "sft-ep1-seed1"
+    (other / "checkpoint").write_text("step 200")
+    recorded = json.loads((other / "cell.json").read_text())
+    (other / "cell.json").write_text(json.dumps({**recorded, "options": {"w_kd": 1.0}}))
+    without = out / "cells" / "sft-ep1-seed2"
+    backend = FakeBackend()
+    rows = {r["cell"]: r for r in _run(out, backend)}
+    assert (with_checkpoint / "checkpoint").is_file() and (with_checkpoint / "train.log").is_file()
+    assert not (other / "checkpoint").exists() and (other / "result.json").is_file()
+    assert (without / "result.json").is_file()
+    assert rows["sft-ep1-seed0"]["wall_s"] >= 100.0 and rows["sft-ep1-seed0"]["earlier_s"] == 100.0
+    assert rows["sft-ep1-seed1"]["wall_s"] < 100.0 and "earlier_s" not in rows["sft-ep1-seed2"]
 
 
 def test_runners_sharing_an_out_dir_train_each_cell_once(tmp_path):

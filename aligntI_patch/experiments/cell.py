@@ -9,6 +9,9 @@ Design choices
   anyway); its output goes to CELL/train.log. Scoring runs in this process (`evaluate_tiny`).
 - A data fraction below 1 trains on CELL/finetune_subset.json: the first round(f * n) records of a
   permutation drawn from the seed, kept in the original order, so the 25 % subset is inside the 50 % one.
+- An interrupted cell resumes from the newest complete trainer checkpoint its student left (`--save_steps` of
+  the main job: every 200 steps), as the main job would; resuming is bitwise exact (tests/test_distill.py),
+  so only the steps after that checkpoint are trained again. Its log goes on in the same train.log.
 - After scoring, the student's trainer checkpoints (resume state) are deleted, and its weights too unless
   `keep_checkpoints`; the log, recipe.json, irs.json, config and trainer_state.json stay.
 """
@@ -111,6 +114,19 @@ def prune_student(output_dir: Path, keep_weights: bool) -> None:
             path.unlink()
 
 
+def global_step(trainer_state: Path) -> int:
+    return int(json.loads(trainer_state.read_text())["global_step"])
+
+
+def resumed_timings(student: Path, resumed: Path, train_s: float) -> dict[str, float]:
+    """Timings of a cell resumed from checkpoint `resumed`: this run measured `train_s` for the steps after it;
+    the earlier runs' time up to it is estimated at this run's rate (their own clocks died with them)."""
+    start, end = global_step(resumed / "trainer_state.json"), global_step(student / "trainer_state.json")
+    earlier_s = train_s * start / max(end - start, 1)
+    return {"resumed_from_step": start, "steps": end, "train_s_this_run": round(train_s, 1),
+            "earlier_s": round(earlier_s, 1), "train_s": round(train_s + earlier_s, 1)}
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -119,8 +135,8 @@ def _tail(path: Path, lines: int = 30) -> str:
 class TinyBackend:
     """The real backend of the runner: distill in a subprocess, then `evaluate_tiny` on val and test.
 
-    The runner calls only `describe`, `identity`, `evaluate_teacher` and `train_and_evaluate`; a test passes
-    any object with these four methods instead (`run_grid(..., backend=...)`)."""
+    The runner calls only `describe`, `identity`, `evaluate_teacher`, `resume_point` and `train_and_evaluate`;
+    a test passes any object with these five methods instead (`run_grid(..., backend=...)`)."""
 
     setup: Setup
     keep_checkpoints: bool = False
@@ -136,12 +152,27 @@ class TinyBackend:
             data = cell_dir / "finetune_subset.json"
         return cell_dir / "student", data
 
-    def describe(self, cell: Cell, cell_dir: Path) -> str:
+    def resume_point(self, cell: Cell, cell_dir: Path) -> Path | None:
+        """The newest complete trainer checkpoint that an interrupted run of `cell` left (None: none, train from
+        the start)."""
+        from llava.train.llava_trainer import last_complete_checkpoint
+
+        found = last_complete_checkpoint(str(self.paths(cell, cell_dir)[0]))
+        return None if found is None else Path(found)
+
+    def command_args(self, cell: Cell, cell_dir: Path) -> list[str]:
+        """`student_args`, resuming from `resume_point` when there is one."""
         out, data = self.paths(cell, cell_dir)
+        resume = self.resume_point(cell, cell_dir)
+        return student_args(self.setup, cell, out, data) + (
+            [] if resume is None else ["--resume_from_checkpoint", str(resume)])
+
+    def describe(self, cell: Cell, cell_dir: Path) -> str:
         subset = ""
         if cell.data_fraction != 1.0:
+            data = self.paths(cell, cell_dir)[1]
             subset = f"# writes {data}: {cell.data_fraction:g} of finetune.json (seed {cell.seed})\n"
-        return subset + shlex.join(distill_command(self.setup, student_args(self.setup, cell, out, data)))
+        return subset + shlex.join(distill_command(self.setup, self.command_args(cell, cell_dir)))
 
     def evaluate(self, checkpoint: Path, answers_dir: Path | None = None) -> dict[str, dict]:
         """{split: per-family summary} of `checkpoint` on the world's test and val questions ("test" reads
@@ -174,10 +205,13 @@ class TinyBackend:
         out, data = self.paths(cell, cell_dir)
         if cell.data_fraction != 1.0:
             write_subset(self.setup.world / "finetune.json", cell.data_fraction, cell.seed, data)
-        cmd = distill_command(self.setup, student_args(self.setup, cell, out, data), free_port())
+        resume = self.resume_point(cell, cell_dir)
+        cmd = distill_command(self.setup, self.command_args(cell, cell_dir), free_port())
         log = cell_dir / "train.log"
         start = time.monotonic()
-        with open(log, "w") as f:
+        with open(log, "w" if resume is None else "a") as f:
+            if resume is not None:
+                f.write(f"\n# resumed from {resume} (the interrupted run's log is above)\n")
             f.write(shlex.join(cmd) + "\n")
             f.flush()
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -185,7 +219,10 @@ class TinyBackend:
         train_s = time.monotonic() - start
         if rc != 0:
             raise CellFailed(f"cell {cell.id}: distill exited with {rc}; the end of {log}:\n{_tail(log)}")
+        timings = {"train_s": round(train_s, 1)}
+        if resume is not None:
+            timings = resumed_timings(out, resume, train_s)
         scores = self.evaluate(out, cell_dir)
-        eval_s = time.monotonic() - start - train_s
+        timings["eval_s"] = round(time.monotonic() - start - train_s, 1)
         prune_student(out, keep_weights=self.keep_checkpoints)
-        return Outcome(scores, {"train_s": round(train_s, 1), "eval_s": round(eval_s, 1)})
+        return Outcome(scores, timings)

@@ -7,8 +7,9 @@ Layout of DIR (the report reads only these files):
 - `grids/<grid>.json`: the grid's paper reference, claims and the cells it asked for (variant, epochs, data
   fraction, seed -> cell id), merged over runs (more seeds later extend it).
 - `cells/<cell-id>/`: cell.json (what it trains), train.log, student/ (recipe.json, irs.json, ...), and
-  result.json, written last: a cell with it is finished and never rerun; a cell dir without it was interrupted
-  and is deleted and trained again from the start.
+  result.json, written last: a cell with it is finished and never rerun; a cell dir without it was interrupted:
+  the same cell (cell.json) with a trainer checkpoint (`Backend.resume_point`) resumes from it, any other is
+  deleted and trained again from the start.
 - `results.jsonl`: one row per finished cell (result.json's content; rows missing after a crash between the
   two writes are appended on the next run). Accuracies are percentages.
 - `.lock` and `locks/<cell-id>.lock`: OS locks (released when a process ends, however it ends). Several runners
@@ -46,6 +47,8 @@ class Backend(Protocol):
     def identity(self) -> dict: ...
 
     def describe(self, cell: Cell, cell_dir: Path) -> str: ...
+
+    def resume_point(self, cell: Cell, cell_dir: Path) -> Path | None: ...
 
     def evaluate_teacher(self) -> dict[str, dict]: ...
 
@@ -181,19 +184,29 @@ def sync_rows(out: Path) -> None:
             append_row(out, row)
 
 
+def resumable(cell: Cell, cell_dir: Path, backend: Backend) -> bool:
+    """Whether an interrupted cell dir holds a run of this very cell (its cell.json) with a checkpoint to resume."""
+    try:
+        recorded = json.loads((cell_dir / "cell.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return recorded == json.loads(json.dumps(asdict(cell))) and backend.resume_point(cell, cell_dir) is not None
+
+
 def run_cell(cell: Cell, out: Path, backend: Backend, prov: dict) -> dict | None:
-    """Train and score `cell` unless finished (None then); an interrupted cell dir is deleted first. The caller
-    holds the cell (`claimed`)."""
+    """Train and score `cell` unless finished (None then); an interrupted cell dir resumes (`resumable`) or is
+    deleted first. The caller holds the cell (`claimed`). A resumed cell's wall_s adds the backend's estimate of
+    the earlier runs' time (`earlier_s`)."""
     cell_dir = out / "cells" / cell.id
     if (cell_dir / "result.json").is_file():
         return None
-    if cell_dir.exists():
+    if cell_dir.exists() and not resumable(cell, cell_dir, backend):
         shutil.rmtree(cell_dir)
-    cell_dir.mkdir(parents=True)
+    cell_dir.mkdir(parents=True, exist_ok=True)
     write_json(cell_dir / "cell.json", asdict(cell))
     start = time.monotonic()
     outcome = backend.train_and_evaluate(cell, cell_dir)
-    row = make_row(cell, outcome, time.monotonic() - start, prov)
+    row = make_row(cell, outcome, time.monotonic() - start + outcome.timings.get("earlier_s", 0.0), prov)
     write_json(cell_dir / "result.json", row)
     with shared_files(out):
         if row["cell"] not in read_rows(out):  # another runner's sync_rows may have appended it already
@@ -217,7 +230,7 @@ def run_grid(grid: Grid, cells: list[Cell], out: Path, backend: Backend, *, keep
              write: Callable[[str], object] = lambda s: None) -> list[dict]:
     """Run every unfinished cell of `cells` into `out` with `backend`; the rows of the cells run now.
 
-    `backend` does the training and scoring (`cell.TinyBackend` from the CLI; any object with its four
+    `backend` does the training and scoring (`cell.TinyBackend` from the CLI; any object with its five
     methods in tests). With `keep_going`, a failed cell is reported and the next one runs; otherwise the
     first failure raises (the failed cell stays unfinished and reruns next time). A cell that another runner
     of `out` is training is passed by (its row comes from that runner)."""
