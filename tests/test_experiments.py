@@ -288,7 +288,17 @@ def test_status_counts_cells_and_estimates_the_time_left(tmp_path, capsys):
     _run(out, Timed())
     g = build_grid("budget", 4)
     record_grid(out, g, expand(g, [0], 1))
-    (out / "cells" / "kd-ep2-seed0").mkdir()  # started: running or interrupted
+    started = out / "cells" / "kd-ep2-seed0"  # started: running or interrupted
+    (started / "student" / "checkpoint-400").mkdir(parents=True)
+    (started / "student" / "checkpoint-400" / "trainer_state.json").write_text("{}")
+    (started / "student" / "checkpoint-600").mkdir()  # a save cut short: no trainer_state.json
+    (started / "train.log").write_text("{'loss': '0.9', 'epoch': '0.5'}\n{'loss': '0.8', 'epoch': '1.25'}\n")
+    (out / "cells" / "sft-ep3-seed0").mkdir()  # started, nothing written yet
+    main(["status", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "| kd-ep2-seed0 | 1.25 of 2 | step 400 | 0 min ago |" in text
+    assert "| sft-ep3-seed0 | - of 3 | the start | no log |" in text
+    (out / "cells" / "sft-ep3-seed0").rmdir()
     main(["status", "--out", str(out)])
     text = capsys.readouterr().out
     assert "| budget | 18 | 3 | 1 | 14 |" in text and "| 1.6 h |" in text  # 5670 s

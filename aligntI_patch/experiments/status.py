@@ -5,11 +5,16 @@
 The time left is an estimate at the rate measured in DIR: seconds of training per epoch of the full finetune
 data for each recipe and flags (the mean over its finished cells; a recipe with none takes the mean over the
 others), times each unfinished cell's epochs and data fraction, plus the mean scoring time. It is one runner's
-time: N runners sharing DIR take about 1/N of it if the machine has the cores for them.
+time: N runners sharing DIR take about 1/N of it if the machine has the cores for them. Each started cell gets
+a line: how far its training is (the last epoch its train.log reports), the step it would resume from (its
+newest complete trainer checkpoint) and how long ago its log was written (minutes: running; hours: interrupted,
+rerun the grid).
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,6 +44,22 @@ def cell_seconds(entry: dict, rates: dict[str, float], scoring_s: float) -> floa
     rate = exact if exact is not None else (sum(same_recipe) / len(same_recipe) if same_recipe
                                             else sum(rates.values()) / len(rates))
     return rate * entry["epochs"] * entry["data_fraction"] + scoring_s
+
+
+EPOCH = re.compile(r"""['"]epoch['"]: '?([0-9.]+)""")
+
+
+def started_line(entry: dict, cell_dir: Path, now: float) -> list[str]:
+    """[cell, epoch reached of epochs, resumes from, log written ... ago] of a started, unfinished cell."""
+    from llava.train.llava_trainer import last_complete_checkpoint
+
+    log = cell_dir / "train.log"
+    epochs = EPOCH.findall(log.read_text(errors="replace")) if log.is_file() else []
+    reached = f"{float(epochs[-1]):.2f} of {entry['epochs']:g}" if epochs else f"- of {entry['epochs']:g}"
+    checkpoint = last_complete_checkpoint(str(cell_dir / "student"))
+    resumes = f"step {checkpoint.rsplit('-', 1)[-1]}" if checkpoint else "the start"
+    age = _duration(now - log.stat().st_mtime) + " ago" if log.is_file() else "no log"
+    return [entry["cell"], reached, resumes, age]
 
 
 def _duration(seconds: float | None) -> str:
@@ -72,11 +93,19 @@ def status(out: str | Path) -> str:
         every.update({e["cell"]: e for e in entries})
     done = [e for c, e in every.items() if c in rows]
     left = [seconds(e) for c, e in every.items() if c not in rows]
+    now = time.time()
+    started = [started_line(e, out / "cells" / c, now) for c, e in sorted(every.items())
+               if c not in rows and (out / "cells" / c).is_dir()]
     lines.append(["all (a shared cell once)", str(len(every)), str(len(done)), "", "",
                   _duration(sum(seconds(e) for e in done)), _duration(None if None in left else sum(left))])
     header = ["grid", "cells", "finished", "started (running or interrupted)", "waiting", "spent",
               "left (one runner, estimated)"]
     rate_text = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(rates.items())) or "none yet"
-    return (f"# {out}\n\n" + markdown_table(header, lines) + "\n\nTraining per epoch of the full data, measured "
+    text = (f"# {out}\n\n" + markdown_table(header, lines) + "\n\nTraining per epoch of the full data, measured "
             f"here: {rate_text}; scoring {scoring_s:.0f} s per cell. A recipe's flags not measured yet take the "
             "recipe's mean rate, a recipe not measured yet the mean of all.\n")
+    if started:
+        text += ("\nStarted cells (a log written minutes ago: running; hours ago: interrupted, rerun the grid to "
+                 "resume it):\n\n" + markdown_table(["cell", "epoch reached", "resumes from", "log written"],
+                                                     started) + "\n")
+    return text
