@@ -122,4 +122,3 @@ def test_exposure_over_seeds_on_mini_checkpoints(tmp_path, mini_world, mini_chec
     stamp = (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns
     main(argv)  # reused, not recomputed
     assert (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns == stamp
-
