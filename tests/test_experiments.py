@@ -45,6 +45,9 @@ def test_grid_expansion_names_each_run_once():
     assert [c.id for c in fractions] == ["sft-ep2-frac0.25-seed5", "sft-ep2-frac0.5-seed5", "sft-ep2-seed5"]
     # Table 7's depths: 0, 7, 14, 21, 27 of the paper's 28 layers; the tiny teacher's 4 give 0..3, plus auto
     assert table7_layers(28) == [0, 7, 14, 21, 27] and table7_layers(4) == [0, 1, 2, 3]
+    # the paper's Table 7 beside each layer: at 28 layers one depth each; at 4, layer 3 is both 3/4 and 4/4 deep
+    assert [v.paper for v in build_grid("iva_layer", 28).variants][:5] == ["63.7", "58.8", "63.9", "65.1", "64.6"]
+    assert [v.paper for v in build_grid("iva_layer", 4).variants][:4] == ["63.7", "58.8", "63.9", "65.1 / 64.6"]
     layer = expand(build_grid("iva_layer", 4), [0], epochs=1)
     assert [c.id for c in layer] == [*(f"sft_iva-iva_layer={k}-ep1-seed0" for k in range(4)), "sft_iva-ep1-seed0"]
     assert {c.recipe for c in expand(build_grid("iva_weights", 4), [0], 1)} == {"sft_iva", "student_iva",
@@ -349,8 +352,10 @@ def test_report_tables_gap_and_claims(tmp_path):
     text = write_report(out)
     assert (out / "report.md").read_text() == text and (out / "loss_terms.png").stat().st_size > 1000
     assert "9 of 9 cells finished" in text and "Test split" in text
-    assert "| teacher | - | 80.0 | 50.0 | 65.0 |" in text
-    assert "| sft | 3 | 45.0 ± 12.4 | 47.0 ± 2.5 | 46.0 ± 5.0 |" in text  # attribute 40/50/45: sd 5
+    assert "| model | paper avg | seeds | attribute | counting | overall |" in text  # the paper's row beside ours
+    assert "| teacher | - | - | 80.0 | 50.0 | 65.0 |" in text
+    assert "| sft | 64.3 | 3 | 45.0 ± 12.4 | 47.0 ± 2.5 | 46.0 ± 5.0 |" in text  # attribute 40/50/45: sd 5
+    assert "| aligntI | 66.7 | 3 |" in text
     # gap: attribute (teacher leads SFT by 35) and overall (19); counting (lead 3) left out, with its lead
     assert "| kd | 26 % | 27 % |" in text and "| aligntI | 57 % | 58 % |" in text
     assert "counting (lead +3.0)" in text
@@ -362,6 +367,7 @@ def test_report_tables_gap_and_claims(tmp_path):
     budget = write_report(out).split("## budget")[1]
     assert "Val split" in budget and "Chosen budget: **1 epochs**" in budget and (out / "budget.png").is_file()
     assert "| sft | 45.0 | 45.0 | 45.0 | 45.0 | 45.0 | 45.0 |" in budget and "- kd: peak" in budget
+    assert "paper avg" not in budget.split("\n## ")[0]  # not a table of the paper
 
 
 # ------------------------------------------------------------------------------------------ smoke

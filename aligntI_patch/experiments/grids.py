@@ -38,6 +38,7 @@ class Variant:
     data_fraction: float | None = None  # None: the run's --data-fraction
     series: str | None = None  # line plots: the curve this row belongs to ...
     x: float | None = None  # ... and its abscissa
+    paper: str | None = None  # the paper's average over its six benchmarks for this row (None: not reported)
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,15 @@ def table7_layers(num_layers: int) -> list[int]:
     return sorted({min(k * num_layers // 4, num_layers - 1) for k in range(5)})
 
 
-def _recipes(names: tuple[str, ...], **kw) -> tuple[Variant, ...]:
-    return tuple(Variant(n, n, **kw) for n in names)
+def _recipes(names: tuple[str, ...], paper: dict[str, str]) -> tuple[Variant, ...]:
+    return tuple(Variant(n, n, paper=paper.get(n)) for n in names)
+
+
+# the paper's AVG column (GQA, SQA, TextVQA, POPE, MME, MMB) per row of its ablations (Tables 3, 7, 8, 9, 16)
+TABLE16 = {"sft": "64.3", "kd": "65.0", "sft_iva": "65.1", "kd_iva": "65.6", "kd_tpa": "66.4", "tpa_iva": "66.6",
+           "aligntI": "66.7"}
+TABLE3 = {"kd": "65.0", "rkl": "64.5", "jsd": "63.7", "gkd": "62.7"}  # rkl: MiniLLM's row; skew KL not in it
+TABLE7 = ("63.7", "58.8", "63.9", "65.1", "64.6")  # layers at depth 0, 1/4, 2/4, 3/4, 4/4 (0, 7, 14, 21, 27)
 
 
 def _loss_terms() -> Grid:
@@ -139,7 +147,7 @@ def _loss_terms() -> Grid:
         Claim("aligntI", "kd_iva", "TPA adds to KD + IVA (Table 16: +1.1)"),
         Claim("aligntI", "tpa_iva", "KD adds to TPA + IVA (Table 16: +0.1)"),
     )
-    return Grid("loss_terms", "Tables 4 and 16", _recipes(terms), claims)
+    return Grid("loss_terms", "Tables 4 and 16", _recipes(terms, TABLE16), claims)
 
 
 def _divergences() -> Grid:
@@ -147,21 +155,24 @@ def _divergences() -> Grid:
     names = ("kd", "rkl", "jsd", "skew_kl", "gkd")
     paper = {"rkl": "+0.5", "jsd": "+1.3", "skew_kl": "not in Table 3", "gkd": "+2.3"}
     claims = tuple(Claim("kd", n, f"FKL (kd) beats {n} (Table 3: {paper[n]})") for n in names[1:])
-    return Grid("divergences", "Table 3", _recipes(names), claims)
+    return Grid("divergences", "Table 3", _recipes(names, TABLE3), claims)
 
 
 def _iva_layer(num_layers: int) -> Grid:
     """Table 7: SFT + IVA (Eq. 3) with alpha from fixed depths of the teacher or its highest-IRS layer (Eq. 4)."""
     layers = table7_layers(num_layers)
-    variants = (*(Variant(f"layer {k}", "sft_iva", {"iva_layer": str(k)}) for k in layers),
-                Variant(AUTO_LAYER, "sft_iva"))
+    depths = {k: [TABLE7[q] for q in range(5) if min(q * num_layers // 4, num_layers - 1) == k] for k in layers}
+    variants = (*(Variant(f"layer {k}", "sft_iva", {"iva_layer": str(k)}, paper=" / ".join(depths[k]))
+                  for k in layers),
+                Variant(AUTO_LAYER, "sft_iva", paper=f"{TABLE7[3]} (its IRS layer, 3/4 depth)"))
     claims = tuple(Claim(AUTO_LAYER, f"layer {k}", "the highest-IRS layer is best (Table 7: 3/4 depth)") for k in layers)
     return Grid("iva_layer", "Table 7", variants, claims)
 
 
 def _iva_weights() -> Grid:
     """Tables 8 and 9: SFT + IVA with the teacher's, the student's or uniform weights."""
-    variants = (Variant("teacher", "sft_iva"), Variant("student", "student_iva"), Variant("uniform", "uniform_iva"))
+    variants = (Variant("teacher", "sft_iva", paper="65.1"), Variant("student", "student_iva", paper="64.7"),
+                Variant("uniform", "uniform_iva", paper="64.5"))
     claims = (Claim("teacher", "student", "teacher attention beats the student's (Table 8: +0.4)"),
               Claim("teacher", "uniform", "teacher weights beat uniform ones (Table 9: +0.6)"))
     return Grid("iva_weights", "Tables 8 and 9", variants, claims)
@@ -169,7 +180,8 @@ def _iva_weights() -> Grid:
 
 def _tpa_sampling() -> Grid:
     """Figure 6: Align-TI with greedy (top-d) or nucleus candidates for TPA (Eq. 7), d in 1, 2, 4, 8."""
-    variants = tuple(Variant(f"{s} d={d}", "aligntI", {"tpa_sampling": s, "tpa_num_samples": d}, series=s, x=d)
+    variants = tuple(Variant(f"{s} d={d}", "aligntI", {"tpa_sampling": s, "tpa_num_samples": d}, series=s, x=d,
+                             paper=TABLE16["aligntI"] if (s, d) == ("nucleus", 4) else "figure only")
                      for s in ("greedy", "nucleus") for d in TPA_SAMPLES)
     claims = (*(Claim(f"nucleus d={d}", f"greedy d={d}", "nucleus beats greedy at low d (Fig. 6)") for d in (1, 2)),
               *(Claim(f"{s} d=4", f"{s} d=1", "accuracy grows with d (Fig. 6)") for s in ("greedy", "nucleus")),

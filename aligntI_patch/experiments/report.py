@@ -92,12 +92,16 @@ def markdown_table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def results_table(groups: list[Group], teacher: dict, columns: list[str]) -> str:
-    lines = [["teacher", "-", *(f"{teacher[c]:.1f}" if c in teacher else "-" for c in columns)]]
+def results_table(groups: list[Group], teacher: dict, columns: list[str], paper: dict[str, str] | None = None) -> str:
+    """Mean ± interval per row and column; with `paper` ({variant: the paper's average}) a column of those
+    beside the row's label (comparable in ordering, not in level: six real benchmarks)."""
+    paper_col = [["-"]] if paper else [[]]
+    lines = [["teacher", *paper_col[0], "-", *(f"{teacher[c]:.1f}" if c in teacher else "-" for c in columns)]]
     for g in groups:
         n = max((len(v) for v in g.values.values()), default=0)
-        lines.append([g.label, str(n), *(e.format() if (e := g.estimate(c)) else "-" for c in columns)])
-    return markdown_table(["model", "seeds", *columns], lines)
+        own = [paper.get(g.variant, "-")] if paper else []
+        lines.append([g.label, *own, str(n), *(e.format() if (e := g.estimate(c)) else "-" for c in columns)])
+    return markdown_table(["model", *(["paper avg"] if paper else []), "seeds", *columns], lines)
 
 
 def sft_reference(setting: Setting, seeds: set[int], rows: dict[str, dict], split: str) -> dict[str, dict[int, float]]:
@@ -283,7 +287,7 @@ def grid_section(manifest: dict, rows: dict[str, dict], teacher_all: dict, out: 
     head = (f"## {manifest['grid']}: {manifest['paper']}\n\n{len(finished)} of {len(manifest['cells'])} cells "
             f"finished, {hours:.2f} h of training and scoring in all (shared cells counted in every grid). "
             f"{split.capitalize()} split, accuracy %, mean ± 95 % t interval over seeds (n=1: no interval).")
-    parts = [head, results_table(groups, teacher, columns)]
+    parts = [head, results_table(groups, teacher, columns, manifest.get("paper_rows"))]
     if manifest["grid"] == "budget":
         parts.append(budget_section(groups))
     parts += [gap_section(groups, rows, teacher, columns, split), claims_section(manifest, groups, columns, out)]

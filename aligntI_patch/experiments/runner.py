@@ -172,7 +172,8 @@ def record_grid(out: Path, grid: Grid, cells: list[Cell]) -> None:
             e["options"] = canonical_options(e["recipe"], variants[e["variant"]].options)
     order = [v.name for v in grid.variants]
     write_json(path, {"grid": grid.name, "paper": grid.paper, "split": grid.split, "x_label": grid.x_label,
-                      "variants": order, "claims": [asdict(c) for c in grid.claims], "cells": entries})
+                      "variants": order, "paper_rows": {v.name: v.paper for v in grid.variants if v.paper},
+                      "claims": [asdict(c) for c in grid.claims], "cells": entries})
 
 
 def sync_rows(out: Path) -> None:
