@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_grid_expansion_names_each_run_once():
     grid = build_grid("loss_terms", teacher_layers=4)
     cells = expand(grid, [0, 1], epochs=1)
-    assert len(cells) == 14 and [c.seed for c in cells[:2]] == [0, 1]
-    assert [c.id for c in cells[:4]] == ["sft-ep1-seed0", "sft-ep1-seed1", "kd-ep1-seed0", "kd-ep1-seed1"]
+    assert len(cells) == 14 and [c.seed for c in cells] == [0] * 7 + [1] * 7  # seed-major: whole seeds first
+    assert [c.id for c in cells[:3]] == ["sft-ep1-seed0", "kd-ep1-seed0", "sft_iva-ep1-seed0"]
     # a flag equal to the recipe's value or the default is not part of the id: Fig. 6's nucleus d=4 is Align-TI
     tpa = {c.variant: c.id for c in expand(build_grid("tpa_sampling", 4), [0], epochs=3)}
     assert tpa["nucleus d=4"] == "aligntI-ep3-seed0"
@@ -170,13 +170,14 @@ def test_finished_cells_are_skipped_and_interrupted_ones_rerun_cleanly(tmp_path)
     first = FakeBackend(fail=("kd-ep1-seed1",))
     with pytest.raises(KeyboardInterrupt):
         _run(out, first)
-    assert first.trained == ["sft-ep1-seed0", "sft-ep1-seed1", "sft-ep1-seed2", "kd-ep1-seed0"]
+    assert first.trained == ["sft-ep1-seed0", "kd-ep1-seed0", "aligntI-ep1-seed0", "sft-ep1-seed1"]
     partial = out / "cells" / "kd-ep1-seed1"
     assert (partial / "train.log").is_file() and not (partial / "result.json").exists()
     (partial / "stray").write_text("left by the interrupted run")
     second = FakeBackend()
     rows = _run(out, second)
-    assert second.trained == ["kd-ep1-seed1", "kd-ep1-seed2", *(f"aligntI-ep1-seed{s}" for s in range(3))]
+    assert second.trained == ["kd-ep1-seed1", "aligntI-ep1-seed1", "sft-ep1-seed2", "kd-ep1-seed2",
+                              "aligntI-ep1-seed2"]
     assert not (partial / "stray").exists() and (partial / "result.json").is_file()
     assert first.teacher_scored == 1 and second.teacher_scored == 0  # the teacher once per out dir
     row = rows[0]

@@ -224,11 +224,13 @@ def build_grid(name: str, teacher_layers: int) -> Grid:
 
 def expand(grid: Grid, seeds: list[int], epochs: float, data_fraction: float = 1.0,
            only: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()) -> list[Cell]:
-    """The grid's cells, variant-major then seed; `only` keeps the variants of those recipes (all if empty)."""
+    """The grid's cells, seed-major (every variant of a seed before the next seed: a grid cut short, as a long
+    campaign is at every stop, holds whole seeds, and a paired difference needs both of its rows in a seed);
+    `only` keeps the variants of those recipes (all if empty)."""
     unknown = set(only) - {v.recipe for v in grid.variants}
     if unknown:
         raise ValueError(f"--only {sorted(unknown)}: not in grid {grid.name} "
                          f"(its recipes: {sorted({v.recipe for v in grid.variants})})")
     return [Cell(grid.name, v.name, v.recipe, v.options, v.epochs if v.epochs is not None else epochs,
                  v.data_fraction if v.data_fraction is not None else data_fraction, seed, tuple(extra_args))
-            for v in grid.variants if not only or v.recipe in only for seed in seeds]
+            for seed in seeds for v in grid.variants if not only or v.recipe in only]
