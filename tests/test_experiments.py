@@ -16,8 +16,9 @@ from aligntI_patch.experiments.__main__ import main
 from aligntI_patch.experiments.cell import Outcome, distill_command, student_args, write_subset
 from aligntI_patch.experiments.context import Setup
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, cell_id, expand, table7_layers
-from aligntI_patch.experiments.report import write_report
+from aligntI_patch.experiments.report import verdict, write_report
 from aligntI_patch.experiments.runner import read_rows, run_grid
+from aligntI_patch.experiments.stats import mean_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -363,6 +364,10 @@ def test_report_tables_gap_and_claims(tmp_path):
     # aligntI - kd on attribute: differences 10, 18, 5 -> 11.0 ± 16.3
     line = next(x for x in text.splitlines() if x.startswith("| aligntI − kd |"))
     assert "| 3 |" in line and "11.0 ± 16.3" in line
+    assert "| ? | inconclusive |" in line  # overall differences 6, 9, 2.5: mean 5.8 ± 8.1 spans 0
+    assert "| + | holds |" in next(x for x in text.splitlines() if x.startswith("| aligntI − sft |"))  # 11, 11, 11
+    assert verdict(mean_interval([-3.0, -4.0, -5.0])) == "does not hold"
+    assert verdict(mean_interval([2.0])) == "none (one seed)"
     g = build_grid("budget", 4)  # the budget grid reads the val split
     run_grid(g, expand(g, [0, 1], 1, only=("sft", "kd")), out, FakeBackend())
     budget = write_report(out).split("## budget")[1]

@@ -162,6 +162,15 @@ def question_scores(out: Path, group: Group, split: str) -> dict[int, dict[str, 
     return scores
 
 
+VERDICTS = {"+": "holds", "-": "does not hold", "?": "inconclusive"}  # by the overall difference's t interval
+
+
+def verdict(overall: Estimate) -> str:
+    """The claim's verdict (docs/reproduction.md): holds when the paired difference's 95 % interval over seeds
+    lies above 0, does not hold below 0, inconclusive when it spans 0; none from a single seed."""
+    return VERDICTS.get(overall.sign(), "none (one seed)")
+
+
 def claims_section(manifest: dict, groups: list[Group], columns: list[str], out: Path | None = None) -> str:
     """Paired differences a - b (same seed) for each claim at each setting where both rows exist; with the cells'
     per-question scores also a paired bootstrap of overall over seeds and questions."""
@@ -183,14 +192,15 @@ def claims_section(manifest: dict, groups: list[Group], columns: list[str], out:
                 boot = paired_bootstrap(question_scores(out, a, split), question_scores(out, b, split))
             boot_cells = [boot.format(), boot.sign(), f"{boot.n_seeds} x {boot.n_questions}"] if boot else ["-"] * 3
             lines.append([f"{claim['a']} − {claim['b']}{where}", claim["says"], str(overall.n), overall.sign(),
-                          *(d.format() if d else "-" for d in diffs), *boot_cells])
+                          verdict(overall), *(d.format() if d else "-" for d in diffs), *boot_cells])
     if not lines:
         return "Paired differences: no claim has both of its rows finished yet."
-    header = ["difference", "the paper", "seeds", "sign", *columns, "overall, bootstrap 95 %", "sign",
+    header = ["difference", "the paper", "seeds", "sign", "verdict", *columns, "overall, bootstrap 95 %", "sign",
               "seeds x questions"]
     return ("Paired differences (same seed), mean ± 95 % t interval over seeds; sign: + / - when the interval "
-            "excludes 0, ? when it spans 0. The bootstrap column resamples seeds and questions together (paired): "
-            "with one seed it holds the test set's noise only, not the training run's.\n\n"
+            "excludes 0, ? when it spans 0; the verdict reads the overall column's sign. The bootstrap column "
+            "resamples seeds and questions together (paired): with one seed it holds the test set's noise only, "
+            "not the training run's.\n\n"
             + markdown_table(header, lines))
 
 
