@@ -343,6 +343,22 @@ def load_paired_batches(
     return batches_a, batches_b, len(items_a)
 
 
+def irs_curves(model: nn.Module, tokenizer, image_processor, context_len: int, data_path: str, image_folder: str,
+               conv_mode: str, num_pairs: int, batch_size: int, seed: int,
+               pairings: Sequence[str] = PAIRINGS) -> dict[str, tuple[list[float], int]]:
+    """{pairing: (IRS of every decoder layer, pairs used)} of a loaded LLaVA model on the data's pairs (`seed`
+    draws them)."""
+    layers = list(range(len(decoder_layers(model))))
+    curves = {}
+    for pairing in pairings:
+        batches_a, batches_b, used = load_paired_batches(
+            tokenizer, image_processor, model, data_path, image_folder, conv_mode, num_pairs, batch_size, seed,
+            context_len, pairing,
+        )  # fmt: skip
+        curves[pairing] = (irs_per_layer(model, batches_a, batches_b, layers, progress=True), used)
+    return curves
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: IRS per layer of a LLaVA checkpoint on paired inputs; writes irs.json and irs.png."""
     parser = argparse.ArgumentParser(description="Instruction-Relevance Score per layer (Align-TI Eq. 4).")
@@ -371,14 +387,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokenizer, model, image_processor, context_len = load_pretrained_model(args.model_path, args.model_base)
     model.eval()
     conv_mode = args.conv_mode or getattr(model.config, "conv_template", None) or "qwen_2"
+    pairings = PAIRINGS if args.pairs == "both" else (args.pairs,)
+    curves = irs_curves(model, tokenizer, image_processor, context_len, args.data_path, args.image_folder,
+                        conv_mode, args.num_pairs, args.batch_size, args.seed, pairings)
     layers = list(range(len(decoder_layers(model))))
-    curves = {}
-    for pairing in PAIRINGS if args.pairs == "both" else (args.pairs,):
-        batches_a, batches_b, num_pairs = load_paired_batches(
-            tokenizer, image_processor, model, args.data_path, args.image_folder, conv_mode,
-            args.num_pairs, args.batch_size, args.seed, context_len, pairing,
-        )  # fmt: skip
-        curves[pairing] = (irs_per_layer(model, batches_a, batches_b, layers, progress=True), num_pairs)
     (first, (scores, num_pairs)), *others = curves.items()
     best = write_irs(args.output_dir, layers, scores, num_pairs, first, dict(others))
     logger.info("best layer %d (IRS %.4f); wrote %s", best, scores[best], Path(args.output_dir) / "irs.json")

@@ -122,3 +122,50 @@ def test_exposure_over_seeds_on_mini_checkpoints(tmp_path, mini_world, mini_chec
     stamp = (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns
     main(argv)  # reused, not recomputed
     assert (out / "exposure" / runs[0] / "exposure_bias.json").stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------------ Fig. 4 over seeds
+def test_irs_summary_against_hand_computed_numbers():
+    from aligntI_patch.experiments.irs_seeds import markdown, summarize
+
+    def result(iid, same):
+        return {"pairing": "iid", "irs": iid, "curves": {"iid": {"irs": iid}, "same_image": {"irs": same}}}
+
+    results = {0: result([0.1, 0.30, 0.26], [0.01, 0.07, 0.09]),
+               1: result([0.1, 0.28, 0.26], [0.01, 0.08, 0.07]),
+               2: result([0.1, 0.26, 0.25], [0.01, 0.06, 0.08])}
+    s = summarize(results)
+    iid, same = s["iid"], s["same_image"]
+    assert [round(e.mean, 4) for e in iid["mean"]] == [0.1, 0.28, 0.2567]
+    assert iid["mean"][1].half == pytest.approx(4.3027 * 0.02 / 3 ** 0.5, abs=1e-6)  # sd 0.02 over 3 seeds
+    assert iid["peaks"] == {0: 1, 1: 1, 2: 1} and (iid["top"], iid["runner_up"]) == (1, 2)
+    # layer 1 − layer 2 per seed: 0.04, 0.02, 0.01 -> mean 0.0233, sd 0.01528, half 4.3027 * 0.01528 / sqrt(3)
+    assert iid["gap"].mean == pytest.approx(0.07 / 3) and iid["gap"].half == pytest.approx(0.03795, abs=1e-4)
+    assert same["peaks"] == {0: 2, 1: 1, 2: 2} and (same["top"], same["runner_up"]) == (2, 1)
+    text = markdown(s, [0, 1, 2])
+    assert "| pairing | layer 0 (0.00) | layer 1 (0.50) | layer 2 (1.00) |" in text
+    assert "| iid | 0.100 ± 0.000 | 0.280 ± 0.050 | 0.257 ± 0.014 | 1, 1, 1 | layer 1 − 2: 0.023 ± 0.038 (?) |" in text
+
+
+def test_irs_over_seeds_on_the_mini_teacher(tmp_path, mini_world, mini_teacher):
+    """Two pairing seeds of the real IRS pass: each seed's curves are those of `python -m aligntI_patch.irs` with
+    that seed (same data, same pairs), the summary and figure are written, and results are reused."""
+    from aligntI_patch import irs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "setup.json").write_text(json.dumps({"teacher": str(mini_teacher), "world": str(mini_world)}))
+    argv = ["irs", "--out", str(out), "--seeds", "2", "--num-pairs", "4", "--batch-size", "4"]
+    main(argv)
+    cli = tmp_path / "cli"
+    irs.main(["--model-path", str(mini_teacher), "--data-path", str(Path(mini_world) / "finetune.json"),
+              "--image-folder", str(Path(mini_world) / "images"), "--num-pairs", "4", "--batch-size", "4",
+              "--seed", "1", "--output-dir", str(cli)])
+    seed1 = json.loads((out / "irs" / "seed1" / "irs.json").read_text())
+    assert seed1["curves"] == json.loads((cli / "irs.json").read_text())["curves"]
+    assert set(seed1["curves"]) == {"iid", "same_image"} and len(seed1["irs"]) == 3  # the mini teacher's layers
+    text = (out / "irs" / "summary.md").read_text()
+    assert "| iid |" in text and "| same_image |" in text and (out / "irs" / "fig4.png").stat().st_size > 1000
+    stamp = (out / "irs" / "seed0" / "irs.json").stat().st_mtime_ns
+    main(argv)  # reused, not recomputed
+    assert (out / "irs" / "seed0" / "irs.json").stat().st_mtime_ns == stamp

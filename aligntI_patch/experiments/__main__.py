@@ -3,6 +3,7 @@
     python -m aligntI_patch.experiments run --grid NAME --seeds N --out DIR [--epochs E] [--only RECIPE] [--dry-run]
     python -m aligntI_patch.experiments report --out DIR
     python -m aligntI_patch.experiments exposure --out DIR --epochs E [--seeds N] [--family describe]
+    python -m aligntI_patch.experiments irs --out DIR [--seeds N] [--num-pairs 1000]
     python -m aligntI_patch.experiments status --out DIR
     python -m aligntI_patch.experiments grids
 """
@@ -27,6 +28,7 @@ from aligntI_patch.experiments.context import (
 )
 from aligntI_patch.experiments.exposure import FIG7_RECIPES, exposure_over_seeds
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, expand
+from aligntI_patch.experiments.irs_seeds import irs_over_seeds
 from aligntI_patch.experiments.report import write_report
 from aligntI_patch.experiments.runner import dry_run, run_grid
 from aligntI_patch.experiments.status import status
@@ -97,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-len", type=int, default=48, help="generation steps L (default 48)")
     exp.add_argument("--num-prompts", type=int, default=200, help="prompts, a seeded subset (default 200)")
     exp.add_argument("--batch-size", type=int, default=16)
+    irs = sub.add_parser("irs", help="Fig. 4 over seeds: the teacher's IRS per layer, both pairings, for several "
+                         "pairing seeds -> DIR/irs/")
+    irs.add_argument("--out", required=True, help="the out dir of `run` (its setup.json names teacher and world)")
+    seeds = irs.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=5, help="pairing seeds 0..N-1 (default 5)")
+    seeds.add_argument("--seed-list", type=_seed_list, help="explicit seeds, e.g. 3,4 (instead of --seeds)")
+    irs.add_argument("--num-pairs", type=int, default=1000, help="pairs per pairing and seed (default: the "
+                     "paper's 1000)")
+    irs.add_argument("--batch-size", type=int, default=8)
     st = sub.add_parser("status", help="per grid: cells finished / started / waiting, time spent and left")
     st.add_argument("--out", required=True, help="the out dir of `run`")
     sub.add_parser("grids", help="list the grids, their rows and claims (iva_layer for a 4-layer teacher)")
@@ -163,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("exposure needs seeds, --recipes and --max-len >= 1")
         sys.stdout.write(exposure_over_seeds(args.out, args.epochs, seeds, args.family, recipes, args.max_len,
                                              args.num_prompts, args.batch_size))
+    elif args.command == "irs":
+        seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
+        if not seeds or args.num_pairs < 1:
+            parser.error("irs needs seeds and --num-pairs >= 1")
+        sys.stdout.write(irs_over_seeds(args.out, seeds, args.num_pairs, args.batch_size))
     else:
         list_grids()
 
