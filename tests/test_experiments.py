@@ -288,6 +288,7 @@ def test_status_counts_cells_and_estimates_the_time_left(tmp_path, capsys):
             return Outcome(outcome.scores, {"train_s": rate * cell.epochs, "eval_s": 10.0})
 
     from aligntI_patch.experiments.runner import record_grid
+    from aligntI_patch.experiments.status import cell_seconds, done_share
 
     out = tmp_path / "out"
     _run(out, Timed())
@@ -295,13 +296,16 @@ def test_status_counts_cells_and_estimates_the_time_left(tmp_path, capsys):
     record_grid(out, g, expand(g, [0], 1))
     started = out / "cells" / "kd-ep2-seed0"  # started: running or interrupted
     (started / "student" / "checkpoint-400").mkdir(parents=True)
-    (started / "student" / "checkpoint-400" / "trainer_state.json").write_text("{}")
+    (started / "student" / "checkpoint-400" / "trainer_state.json").write_text('{"global_step": 400, "max_steps": 800}')
     (started / "student" / "checkpoint-600").mkdir()  # a save cut short: no trainer_state.json
     (started / "train.log").write_text("{'loss': '0.9', 'epoch': '0.5'}\n{'loss': '0.8', 'epoch': '1.25'}\n")
     (out / "cells" / "sft-ep3-seed0").mkdir()  # started, nothing written yet
     main(["status", "--out", str(out)])
     text = capsys.readouterr().out
     assert "| kd-ep2-seed0 | 1.25 of 2 | step 400 | 0 min ago |" in text
+    # half of its training is checkpointed: 60 s x 2 epochs x 0.5 left, plus 10 s of scoring
+    assert done_share(started) == 0.5 and cell_seconds({"recipe": "kd", "epochs": 2, "data_fraction": 1.0},
+                                                       {"kd": 60.0}, 10.0, done_share(started)) == 70.0
     assert "| sft-ep3-seed0 | - of 3 | the start | no log |" in text
     (out / "cells" / "sft-ep3-seed0").rmdir()
     main(["status", "--out", str(out)])

@@ -4,7 +4,8 @@
 
 The time left is an estimate at the rate measured in DIR: seconds of training per epoch of the full finetune
 data for each recipe and flags (the mean over its finished cells; a recipe with none takes the mean over the
-others), times each unfinished cell's epochs and data fraction, plus the mean scoring time. It is one runner's
+others), times each unfinished cell's epochs and data fraction, less the share its newest checkpoint holds (a
+rerun resumes from it), plus the mean scoring time. It is one runner's
 time: N runners sharing DIR take about 1/N of it if the machine has the cores for them. Each started cell gets
 a line: how far its training is (the last epoch its train.log reports), the step it would resume from (its
 newest complete trainer checkpoint) and how long ago its log was written (minutes: running; hours: interrupted,
@@ -13,6 +14,7 @@ rerun the grid).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable
@@ -35,15 +37,27 @@ def training_rates(rows: Iterable[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in per.items()}
 
 
-def cell_seconds(entry: dict, rates: dict[str, float], scoring_s: float) -> float | None:
-    """Estimated seconds of one unfinished cell of a grids/<grid>.json (None before any cell has finished)."""
+def done_share(cell_dir: Path) -> float:
+    """The share of its training an interrupted cell will not redo: its newest complete checkpoint's steps."""
+    from llava.train.llava_trainer import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(str(cell_dir / "student"))
+    if checkpoint is None:
+        return 0.0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return min(state.get("global_step", 0) / max(state.get("max_steps", 0), 1), 1.0)
+
+
+def cell_seconds(entry: dict, rates: dict[str, float], scoring_s: float, done: float = 0.0) -> float | None:
+    """Estimated seconds of one unfinished cell of a grids/<grid>.json (None before any cell has finished); `done`:
+    the share of its training already checkpointed."""
     if not rates:
         return None
     exact = rates.get(_key(entry["recipe"], entry.get("options", {})))
     same_recipe = [v for k, v in rates.items() if k.split(" ")[0] == entry["recipe"]]
     rate = exact if exact is not None else (sum(same_recipe) / len(same_recipe) if same_recipe
                                             else sum(rates.values()) / len(rates))
-    return rate * entry["epochs"] * entry["data_fraction"] + scoring_s
+    return rate * entry["epochs"] * entry["data_fraction"] * (1.0 - done) + scoring_s
 
 
 EPOCH = re.compile(r"""['"]epoch['"]: '?([0-9.]+)""")
@@ -78,7 +92,8 @@ def status(out: str | Path) -> str:
 
     def seconds(entry: dict) -> float | None:  # spent on a finished cell, else the estimate of what is left
         row = rows.get(entry["cell"])
-        return row.get("wall_s", 0.0) if row else cell_seconds(entry, rates, scoring_s)
+        return row.get("wall_s", 0.0) if row else cell_seconds(entry, rates, scoring_s,
+                                                               done_share(out / "cells" / entry["cell"]))
 
     lines, every = [], {}
     for manifest in manifests:
