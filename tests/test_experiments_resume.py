@@ -5,6 +5,7 @@ tests/test_experiments.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -13,7 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligntI_patch.experiments.cell import TinyBackend, distill_command, student_args
+from aligntI_patch.experiments.cell import (
+    ATTEMPTS,
+    TinyBackend,
+    distill_command,
+    earlier_seconds,
+    resumed_timings,
+    student_args,
+)
 from aligntI_patch.experiments.context import REPO, Setup
 from aligntI_patch.experiments.grids import build_grid, expand
 from aligntI_patch.experiments.runner import run_grid
@@ -47,9 +55,48 @@ def test_an_interrupted_cell_resumes_bitwise(tmp_path, mini_world, mini_checkpoi
     assert log.startswith("the interrupted run's log\n") and "# resumed from" in log
     assert "Resuming from" in log and "checkpoint-2" in log and "IRS not recomputed" in log  # distill's own words
     assert (row["resumed_from_step"], row["steps"]) == (2, 4)
-    assert row["earlier_s"] > 0 and row["train_s"] == pytest.approx(row["train_s_this_run"] + row["earlier_s"])
+    assert row["earlier_s"] > 0 and row["train_s"] == pytest.approx(row["train_s_this_run"] + row["earlier_s"], abs=0.11)
+    attempts = [json.loads(line) for line in (cell_dir / ATTEMPTS).read_text().splitlines()]
+    assert [a["resumed_from_step"] for a in attempts] == [2]  # no record of the copied run: its time estimated
     assert not list((cell_dir / "student").glob("checkpoint-*"))  # pruned once scored
     weights, expected = load_file(cell_dir / "student" / "model.safetensors"), load_file(straight / "model.safetensors")
     assert set(weights) == set(expected)
     for k, v in expected.items():
         torch.testing.assert_close(weights[k], v, atol=0, rtol=0, msg=k)
+
+
+def _checkpoint(path, step: int, saved: float | None = None):
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if saved is not None:
+        os.utime(path / "trainer_state.json", (saved, saved))
+    return path
+
+
+def test_the_earlier_runs_time_is_measured_from_the_attempts_record(tmp_path):
+    """Run 1 starts at t=1000 and saves step 200 at t=1400; run 2 resumes it at t=2000 (inheriting 400 s) and
+    saves step 400 at t=2500: resuming that costs 400 + 500 = 900 s of earlier training."""
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / ATTEMPTS).write_text(json.dumps({"start": 1000.0, "resumed_from_step": None, "earlier_s": None}) + "\n"
+                                 + json.dumps({"start": 2000.0, "resumed_from_step": 200, "earlier_s": 400.0}) + "\n")
+    assert earlier_seconds(cell, _checkpoint(tmp_path / "c200", 200, saved=1400.0)) == 400.0
+    assert earlier_seconds(cell, _checkpoint(tmp_path / "c400", 400, saved=2500.0)) == 900.0
+    assert earlier_seconds(cell, _checkpoint(tmp_path / "c0", 0, saved=900.0)) is None  # saved before any run
+    (cell / ATTEMPTS).write_text(json.dumps({"start": 2000.0, "resumed_from_step": 200, "earlier_s": None}) + "\n")
+    assert earlier_seconds(cell, tmp_path / "c400") is None  # that run's own inheritance was unknown
+    assert earlier_seconds(tmp_path / "no-record", tmp_path / "c400") is None
+
+
+def test_resumed_timings_without_a_record(tmp_path):
+    """No record: estimated at this run's rate (200 steps of 400 took 50 s: the first 200 took 50 s too); a
+    run that trained no step (resumed from the final checkpoint) leaves the time unknown, not 0."""
+    student = tmp_path / "student"
+    resumed = _checkpoint(student / "checkpoint-200", 200)
+    (student / "trainer_state.json").write_text(json.dumps({"global_step": 400}))
+    t = resumed_timings(student, resumed, 50.0, None)
+    assert (t["earlier_s"], t["train_s"], t["train_s_this_run"], t["steps"]) == (50.0, 100.0, 50.0, 400)
+    assert resumed_timings(student, resumed, 50.0, 900.0)["train_s"] == 950.0  # measured wins
+    (student / "trainer_state.json").write_text(json.dumps({"global_step": 200}))
+    t = resumed_timings(student, resumed, 3.0, None)
+    assert t["earlier_s"] is None and t["train_s"] is None and t["resumed_from_step"] == 200

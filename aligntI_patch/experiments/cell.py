@@ -118,13 +118,36 @@ def global_step(trainer_state: Path) -> int:
     return int(json.loads(trainer_state.read_text())["global_step"])
 
 
-def resumed_timings(student: Path, resumed: Path, train_s: float) -> dict[str, float]:
+ATTEMPTS = "attempts.jsonl"  # a line per training run of a cell: its start, the step it resumed, inherited time
+
+
+def earlier_seconds(cell_dir: Path, resumed: Path) -> float | None:
+    """The earlier runs' training time up to checkpoint `resumed`, from CELL/attempts.jsonl: the run that saved it
+    (the last one started before its trainer_state.json was written) ran from its start to that save, on top of
+    the time it had inherited itself. None without a record of that run (or of what it inherited)."""
+    path = cell_dir / ATTEMPTS
+    if not path.is_file():
+        return None
+    saved = (resumed / "trainer_state.json").stat().st_mtime
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    writers = [r for r in runs if r["start"] <= saved]
+    if not writers:
+        return None
+    writer = writers[-1]
+    inherited = 0.0 if writer.get("resumed_from_step") is None else writer.get("earlier_s")
+    return None if inherited is None else inherited + saved - writer["start"]
+
+
+def resumed_timings(student: Path, resumed: Path, train_s: float, earlier_s: float | None) -> dict:
     """Timings of a cell resumed from checkpoint `resumed`: this run measured `train_s` for the steps after it;
-    the earlier runs' time up to it is estimated at this run's rate (their own clocks died with them)."""
+    `earlier_s` (`earlier_seconds`) is the earlier runs' time up to it. Without a record it is estimated at this
+    run's rate, and left unknown (None, train_s too) when this run trained no step to measure a rate on."""
     start, end = global_step(resumed / "trainer_state.json"), global_step(student / "trainer_state.json")
-    earlier_s = train_s * start / max(end - start, 1)
+    if earlier_s is None and end > start:
+        earlier_s = train_s * start / (end - start)
+    total = None if earlier_s is None else round(train_s + earlier_s, 1)
     return {"resumed_from_step": start, "steps": end, "train_s_this_run": round(train_s, 1),
-            "earlier_s": round(earlier_s, 1), "train_s": round(train_s + earlier_s, 1)}
+            "earlier_s": None if earlier_s is None else round(earlier_s, 1), "train_s": total}
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -206,6 +229,11 @@ class TinyBackend:
         if cell.data_fraction != 1.0:
             write_subset(self.setup.world / "finetune.json", cell.data_fraction, cell.seed, data)
         resume = self.resume_point(cell, cell_dir)
+        earlier_s = None if resume is None else earlier_seconds(cell_dir, resume)
+        with open(cell_dir / ATTEMPTS, "a") as f:
+            f.write(json.dumps({"start": time.time(), "earlier_s": earlier_s,
+                                "resumed_from_step": None if resume is None else global_step(
+                                    resume / "trainer_state.json")}) + "\n")
         cmd = distill_command(self.setup, self.command_args(cell, cell_dir), free_port())
         log = cell_dir / "train.log"
         start = time.monotonic()
@@ -221,7 +249,7 @@ class TinyBackend:
             raise CellFailed(f"cell {cell.id}: distill exited with {rc}; the end of {log}:\n{_tail(log)}")
         timings = {"train_s": round(train_s, 1)}
         if resume is not None:
-            timings = resumed_timings(out, resume, train_s)
+            timings = resumed_timings(out, resume, train_s, earlier_s)
         scores = self.evaluate(out, cell_dir)
         timings["eval_s"] = round(time.monotonic() - start - train_s, 1)
         prune_student(out, keep_weights=self.keep_checkpoints)

@@ -207,7 +207,7 @@ def run_cell(cell: Cell, out: Path, backend: Backend, prov: dict) -> dict | None
     write_json(cell_dir / "cell.json", asdict(cell))
     start = time.monotonic()
     outcome = backend.train_and_evaluate(cell, cell_dir)
-    row = make_row(cell, outcome, time.monotonic() - start + outcome.timings.get("earlier_s", 0.0), prov)
+    row = make_row(cell, outcome, time.monotonic() - start + (outcome.timings.get("earlier_s") or 0.0), prov)
     write_json(cell_dir / "result.json", row)
     with shared_files(out):
         if row["cell"] not in read_rows(out):  # another runner's sync_rows may have appended it already
