@@ -16,7 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-from aligntI_patch.experiments.stats import Estimate, mean_interval, paired_difference
+from aligntI_patch.experiments.report import markdown_table
+from aligntI_patch.experiments.stats import mean_interval, paired_difference
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +73,18 @@ def summarize(results: dict[int, dict]) -> dict[str, dict]:
     return summary
 
 
-def _format(e: Estimate, digits: int = 3) -> str:
-    return e.format(digits)
-
-
 def markdown(summary: dict[str, dict], seeds: list[int]) -> str:
     num_layers = len(next(iter(summary.values()))["mean"])
     header = ["pairing", *(f"layer {k} ({k / max(num_layers - 1, 1):.2f})" for k in range(num_layers)),
               "peak layer per seed", "top − runner-up (same seed)"]
-    lines = ["IRS per layer of the teacher (relative depth in brackets), mean ± 95 % t interval over pairing "
-             f"seeds {seeds}; the paper's curve peaks at 3/4 depth (layer 21 of 28).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for pairing, s in summary.items():
-        peaks = ", ".join(f"{s['peaks'][seed]}" for seed in sorted(s["peaks"]))
         gap = s["gap"]
-        gap_text = f"layer {s['top']} − {s['runner_up']}: {_format(gap)} ({gap.sign()})" if gap else "-"
-        lines.append(f"| {pairing} | " + " | ".join(_format(e) for e in s["mean"]) + f" | {peaks} | {gap_text} |")
-    return "\n".join(lines) + "\n"
+        rows.append([pairing, *(e.format(3) for e in s["mean"]), ", ".join(str(s["peaks"][k]) for k in sorted(s["peaks"])),
+                     f"layer {s['top']} − {s['runner_up']}: {gap.format(3)} ({gap.sign()})" if gap else "-"])
+    return ("IRS per layer of the teacher (relative depth in brackets), mean ± 95 % t interval over pairing seeds "
+            f"{seeds}; the paper's curve peaks at 3/4 depth (layer 21 of 28).\n\n" + markdown_table(header, rows)
+            + "\n")
 
 
 def write_plot(path: Path, summary: dict[str, dict], title: str) -> None:
