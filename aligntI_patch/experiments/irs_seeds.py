@@ -67,9 +67,10 @@ def summarize(results: dict[int, dict]) -> dict[str, dict]:
         layers = range(len(next(iter(by_seed.values()))))
         mean = [mean_interval([c[k] for c in by_seed.values()]) for k in layers]
         top, runner_up = sorted(layers, key=lambda k: mean[k].mean, reverse=True)[:2]
-        gap = paired_difference({s: c[top] for s, c in by_seed.items()}, {s: c[runner_up] for s, c in by_seed.items()})
-        summary[pairing] = {"mean": mean, "peaks": {s: max(layers, key=c.__getitem__) for s, c in by_seed.items()},
-                            "top": top, "runner_up": runner_up, "gap": gap}
+        gap = paired_difference({s: c[top] for s, c in by_seed.items()},
+                                {s: c[runner_up] for s, c in by_seed.items()})
+        peaks = {s: max(layers, key=c.__getitem__) for s, c in by_seed.items()}
+        summary[pairing] = {"mean": mean, "peaks": peaks, "top": top, "runner_up": runner_up, "gap": gap}
     return summary
 
 
@@ -80,7 +81,8 @@ def markdown(summary: dict[str, dict], seeds: list[int]) -> str:
     rows = []
     for pairing, s in summary.items():
         gap = s["gap"]
-        rows.append([pairing, *(e.format(3) for e in s["mean"]), ", ".join(str(s["peaks"][k]) for k in sorted(s["peaks"])),
+        peaks = ", ".join(str(s["peaks"][k]) for k in sorted(s["peaks"]))
+        rows.append([pairing, *(e.format(3) for e in s["mean"]), peaks,
                      f"layer {s['top']} − {s['runner_up']}: {gap.format(3)} ({gap.sign()})" if gap else "-"])
     return ("IRS per layer of the teacher (relative depth in brackets), mean ± 95 % t interval over pairing seeds "
             f"{seeds}; the paper's curve peaks at 3/4 depth (layer 21 of 28).\n\n" + markdown_table(header, rows)
@@ -100,7 +102,8 @@ def write_plot(path: Path, summary: dict[str, dict], title: str) -> None:
         mean = [e.mean for e in s["mean"]]
         half = [e.half or 0.0 for e in s["mean"]]
         ax.plot(depth, mean, marker="o", label=f"{pairing} pairs")
-        ax.fill_between(depth, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+        ax.fill_between(depth, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                        alpha=0.2)
     ax.axvline(PAPER_PEAK_DEPTH, color="grey", linestyle=":", label="the paper's peak (3/4 depth)")
     ax.set_xlabel("relative depth of the teacher's layer (0 = first, 1 = last)")
     ax.set_ylabel("IRS (Eq. 4)")

@@ -196,8 +196,8 @@ def resumable(cell: Cell, cell_dir: Path, backend: Backend) -> bool:
 
 def run_cell(cell: Cell, out: Path, backend: Backend, prov: dict) -> dict | None:
     """Train and score `cell` unless finished (None then); an interrupted cell dir resumes (`resumable`) or is
-    deleted first. The caller holds the cell (`claimed`). A resumed cell's wall_s adds the backend's estimate of
-    the earlier runs' time (`earlier_s`)."""
+    deleted first. The caller holds the cell (`claimed`). A resumed cell's wall_s adds the earlier runs' training
+    time that the backend reports (`earlier_s`)."""
     cell_dir = out / "cells" / cell.id
     if (cell_dir / "result.json").is_file():
         return None

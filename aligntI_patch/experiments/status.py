@@ -5,11 +5,10 @@
 The time left is an estimate at the rate measured in DIR: seconds of training per epoch of the full finetune
 data for each recipe and flags (the mean over its finished cells; a recipe with none takes the mean over the
 others), times each unfinished cell's epochs and data fraction, less the share its newest checkpoint holds (a
-rerun resumes from it), plus the mean scoring time. It is one runner's
-time: N runners sharing DIR take about 1/N of it if the machine has the cores for them. Each started cell gets
-a line: how far its training is (the last epoch its train.log reports), the step it would resume from (its
-newest complete trainer checkpoint) and how long ago its log was written (minutes: running; hours: interrupted,
-rerun the grid).
+rerun resumes from it), plus the mean scoring time. It is one runner's time: N runners sharing DIR take about
+1/N of it if the machine has the cores for them. Each started cell gets a line: how far its training is (the
+last epoch its train.log reports), the step it would resume from (its newest complete trainer checkpoint) and
+how long ago its log was written (minutes: running; hours: interrupted, rerun the grid).
 """
 
 from __future__ import annotations
