@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from aligntI_patch.experiments.grids import cell_id
+from aligntI_patch.experiments.plots import band_plot
 from aligntI_patch.experiments.stats import Estimate, mean_interval, paired_difference
 
 logger = logging.getLogger(__name__)
@@ -96,29 +97,15 @@ def mean_curves(results: dict[int, dict]) -> dict[str, list[Estimate]]:
 
 
 def write_plot(path: Path, curves: dict[str, list[Estimate]], title: str) -> None:
-    import matplotlib
+    def decorate(ax) -> None:
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        # steps where the teacher's own prefixes leave E(l) near 0 (a fixed opening) give ratios of thousands
+        # of %: linear up to 100 %, logarithmic beyond, so that they do not flatten the rest
+        ax.set_yscale("symlog", linthresh=100)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, curve in curves.items():
-        steps = range(1, len(curve) + 1)
-        line, = ax.plot(steps, [e.mean for e in curve], label=f"{name} (n={curve[0].n})")
-        if all(e.half is not None for e in curve):
-            ax.fill_between(steps, [e.mean - e.half for e in curve], [e.mean + e.half for e in curve],
-                            color=line.get_color(), alpha=0.15)
-    ax.axhline(0.0, color="gray", linewidth=0.8)
-    # steps where the teacher's own prefixes leave E(l) near 0 (a fixed opening) give ratios of thousands of %:
-    # linear up to 100 %, logarithmic beyond, so that they do not flatten the rest
-    ax.set_yscale("symlog", linthresh=100)
-    ax.set_xlabel("generation step l")
-    ax.set_ylabel("%ExAccErr (Eq. 11)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    band_plot(path, {f"{name} (n={curve[0].n})": (list(range(1, len(curve) + 1)), curve)
+                     for name, curve in curves.items()},
+              "generation step l", "%ExAccErr (Eq. 11)", title, decorate)
 
 
 def summary(results: dict[int, dict], max_len: int) -> str:

@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from aligntI_patch.experiments.plots import band_plot
 from aligntI_patch.experiments.report import markdown_table
 from aligntI_patch.experiments.stats import mean_interval, paired_difference
 
@@ -90,28 +91,13 @@ def markdown(summary: dict[str, dict], seeds: list[int]) -> str:
 
 
 def write_plot(path: Path, summary: dict[str, dict], title: str) -> None:
-    import matplotlib
+    def decorate(ax) -> None:
+        ax.axvline(PAPER_PEAK_DEPTH, color="grey", linestyle=":", label="the paper's peak (3/4 depth)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for pairing, s in summary.items():
-        n = len(s["mean"])
-        depth = [k / max(n - 1, 1) for k in range(n)]
-        mean = [e.mean for e in s["mean"]]
-        half = [e.half or 0.0 for e in s["mean"]]
-        ax.plot(depth, mean, marker="o", label=f"{pairing} pairs")
-        ax.fill_between(depth, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
-                        alpha=0.2)
-    ax.axvline(PAPER_PEAK_DEPTH, color="grey", linestyle=":", label="the paper's peak (3/4 depth)")
-    ax.set_xlabel("relative depth of the teacher's layer (0 = first, 1 = last)")
-    ax.set_ylabel("IRS (Eq. 4)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    depth = {pairing: [k / max(len(s["mean"]) - 1, 1) for k in range(len(s["mean"]))] for pairing, s in summary.items()}
+    band_plot(path, {f"{pairing} pairs": (depth[pairing], s["mean"]) for pairing, s in summary.items()},
+              "relative depth of the teacher's layer (0 = first, 1 = last)", "IRS (Eq. 4)", title, decorate,
+              marker="o")
 
 
 def irs_over_seeds(out: str | Path, seeds: list[int], num_pairs: int = 1000, batch_size: int = 8) -> str:

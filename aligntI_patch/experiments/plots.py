@@ -2,16 +2,45 @@
 
 Bars: one group per family and overall, one bar per row of the grid, error bars the 95 % t interval, the
 teacher a black tick. Curves (grids whose rows carry series and x: budget, data fraction, TPA's d): one panel
-per family and overall, one line per series, the teacher a dashed line.
+per family and overall, one line per series, the teacher a dashed line. `band_plot`: mean curves with their
+95 % t bands over seeds (Fig. 7 and Fig. 4 over seeds).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from aligntI_patch.experiments.report import Group
+    from aligntI_patch.experiments.stats import Estimate
+
+
+def band_plot(path: Path, curves: dict[str, tuple[list[float], list[Estimate]]], x_label: str, y_label: str,
+              title: str, decorate: Callable | None = None, marker: str | None = None) -> None:
+    """One line per curve ({label: (x, an Estimate per x)}) with its 95 % t band where every point has one;
+    `decorate(ax)` adds what a figure needs besides (reference lines, axis scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, (xs, curve) in curves.items():
+        line, = ax.plot(xs, [e.mean for e in curve], marker=marker, label=label)
+        if all(e.half is not None for e in curve):
+            ax.fill_between(xs, [e.mean - e.half for e in curve], [e.mean + e.half for e in curve],
+                            color=line.get_color(), alpha=0.15)
+    if decorate is not None:
+        decorate(ax)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _stats(group: Group, column: str) -> tuple[float, float]:
