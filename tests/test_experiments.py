@@ -62,6 +62,15 @@ def test_grid_expansion_names_each_run_once():
         assert {c.a for c in g.claims} | {c.b for c in g.claims} <= {v.name for v in g.variants}
 
 
+
+def test_grids_command_lists_rows_flags_and_the_papers_numbers(capsys):
+    main(["grids"])
+    text = capsys.readouterr().out
+    assert "loss_terms (Tables 4 and 16; test split)" in text and "budget (student epochs, not in the paper; val" in text
+    assert "  sft: --recipe sft; the paper's avg: 64.3\n" in text
+    assert "  layer 3: --recipe sft_iva --iva_layer 3; the paper's avg: 65.1 / 64.6\n" in text
+    assert "  greedy d=2: --recipe aligntI --tpa_sampling greedy --tpa_num_samples 2; the paper's avg: figure only" in text
+
 def _script_hyperparameters() -> dict[str, str]:
     """The flags the main job passes to the distillation entry on the tiny preset (distill_aligntI.sh)."""
     text = (ROOT / "scripts" / "v1_5" / "distill_aligntI.sh").read_text()

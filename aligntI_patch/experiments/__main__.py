@@ -152,7 +152,8 @@ def list_grids() -> None:
             sys.stdout.write(f"  {v.name}: --recipe {v.recipe}"
                              + "".join(f" --{k} {val}" for k, val in v.options.items())
                              + (f" (epochs {v.epochs:g})" if v.epochs else "")
-                             + (f" (data {v.data_fraction:g})" if v.data_fraction is not None else "") + "\n")
+                             + (f" (data {v.data_fraction:g})" if v.data_fraction is not None else "")
+                             + (f"; the paper's avg: {v.paper}" if v.paper else "") + "\n")
         for c in grid.claims:
             sys.stdout.write(f"  claim {c.a} > {c.b}: {c.says}\n")
 
