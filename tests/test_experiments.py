@@ -184,9 +184,10 @@ def test_finished_cells_are_skipped_and_interrupted_ones_rerun_cleanly(tmp_path)
     partial = out / "cells" / "kd-ep1-seed1"
     assert (partial / "train.log").is_file() and not (partial / "result.json").exists()
     (partial / "stray").write_text("left by the interrupted run")
+    (out / "cells" / "kd-ep1-seed2").mkdir()  # started by a runner that died before writing anything
     second = FakeBackend()
-    rows = _run(out, second)
-    assert second.trained == ["kd-ep1-seed1", "aligntI-ep1-seed1", "sft-ep1-seed2", "kd-ep1-seed2",
+    rows = _run(out, second)  # started cells first, then the grid's order
+    assert second.trained == ["kd-ep1-seed1", "kd-ep1-seed2", "aligntI-ep1-seed1", "sft-ep1-seed2",
                               "aligntI-ep1-seed2"]
     assert not (partial / "stray").exists() and (partial / "result.json").is_file()
     assert first.teacher_scored == 1 and second.teacher_scored == 0  # the teacher once per out dir

@@ -232,7 +232,7 @@ def run_grid(grid: Grid, cells: list[Cell], out: Path, backend: Backend, *, keep
     """Run every unfinished cell of `cells` into `out` with `backend`; the rows of the cells run now.
 
     `backend` does the training and scoring (`cell.TinyBackend` from the CLI; any object with its five
-    methods in tests). With `keep_going`, a failed cell is reported and the next one runs; otherwise the
+    methods in tests). Cells already started come first, then the others in the order given. With `keep_going`, a failed cell is reported and the next one runs; otherwise the
     first failure raises (the failed cell stays unfinished and reruns next time). A cell that another runner
     of `out` is training is passed by (its row comes from that runner)."""
     out = Path(out)
@@ -246,6 +246,9 @@ def run_grid(grid: Grid, cells: list[Cell], out: Path, backend: Backend, *, keep
             write_json(out / "teacher.json", percent(backend.evaluate_teacher())[0])
     prov = provenance()
     failed, elsewhere = [], []
+    # cells already started (interrupted, or held by another runner) first: their checkpoints resume, and the
+    # seeds they belong to complete before new work begins
+    cells = sorted(cells, key=lambda c: not (out / "cells" / c.id).is_dir())
     for i, cell in enumerate(cells, 1):
         with claimed(out, cell.id) as mine:
             if not mine:
