@@ -32,11 +32,13 @@ def test_an_interrupted_cell_resumes_bitwise(tmp_path, mini_world, mini_checkpoi
     setup = Setup(teacher=mini_teacher, pretrain=mini_checkpoint, world=mini_world, vision_tower=None,
                   version="qwen_2")
     grid = build_grid("loss_terms", 3)
-    steps = ("--max_steps", "4", "--save_steps", "2", "--save_total_limit", "3", "--per_device_train_batch_size", "2")
+    # --save_total_limit 1 as the preset: the resumed checkpoint is rotated away once the run saves step 4
+    steps = ("--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2")
     (cell,) = expand(grid, [0], 1, only=("aligntI",), extra_args=steps)
 
-    straight = tmp_path / "straight"  # the reference: the cell's command, never interrupted
-    cmd = distill_command(setup, student_args(setup, cell, straight, mini_world / "finetune.json"))
+    straight = tmp_path / "straight"  # the reference: the cell's command, never interrupted (keeping checkpoint-2)
+    args = student_args(setup, cell, straight, mini_world / "finetune.json") + ["--save_total_limit", "3"]
+    cmd = distill_command(setup, args)
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -92,11 +94,11 @@ def test_resumed_timings_without_a_record(tmp_path):
     """No record: estimated at this run's rate (200 steps of 400 took 50 s: the first 200 took 50 s too); a
     run that trained no step (resumed from the final checkpoint) leaves the time unknown, not 0."""
     student = tmp_path / "student"
-    resumed = _checkpoint(student / "checkpoint-200", 200)
+    student.mkdir()
     (student / "trainer_state.json").write_text(json.dumps({"global_step": 400}))
-    t = resumed_timings(student, resumed, 50.0, None)
+    t = resumed_timings(student, 200, 50.0, None)
     assert (t["earlier_s"], t["train_s"], t["train_s_this_run"], t["steps"]) == (50.0, 100.0, 50.0, 400)
-    assert resumed_timings(student, resumed, 50.0, 900.0)["train_s"] == 950.0  # measured wins
+    assert resumed_timings(student, 200, 50.0, 900.0)["train_s"] == 950.0  # measured wins
     (student / "trainer_state.json").write_text(json.dumps({"global_step": 200}))
-    t = resumed_timings(student, resumed, 3.0, None)
+    t = resumed_timings(student, 200, 3.0, None)
     assert t["earlier_s"] is None and t["train_s"] is None and t["resumed_from_step"] == 200

@@ -138,11 +138,12 @@ def earlier_seconds(cell_dir: Path, resumed: Path) -> float | None:
     return None if inherited is None else inherited + saved - writer["start"]
 
 
-def resumed_timings(student: Path, resumed: Path, train_s: float, earlier_s: float | None) -> dict:
-    """Timings of a cell resumed from checkpoint `resumed`: this run measured `train_s` for the steps after it;
-    `earlier_s` (`earlier_seconds`) is the earlier runs' time up to it. Without a record it is estimated at this
-    run's rate, and left unknown (None, train_s too) when this run trained no step to measure a rate on."""
-    start, end = global_step(resumed / "trainer_state.json"), global_step(student / "trainer_state.json")
+def resumed_timings(student: Path, start: int, train_s: float, earlier_s: float | None) -> dict:
+    """Timings of a cell resumed at step `start` (read before the run: the trainer's rotation deletes that
+    checkpoint once it saves a newer one): this run measured `train_s` for the steps after it; `earlier_s`
+    (`earlier_seconds`) is the earlier runs' time up to it. Without a record it is estimated at this run's rate,
+    and left unknown (None, train_s too) when this run trained no step to measure a rate on."""
+    end = global_step(student / "trainer_state.json")
     if earlier_s is None and end > start:
         earlier_s = train_s * start / (end - start)
     total = None if earlier_s is None else round(train_s + earlier_s, 1)
@@ -230,10 +231,10 @@ class TinyBackend:
             write_subset(self.setup.world / "finetune.json", cell.data_fraction, cell.seed, data)
         resume = self.resume_point(cell, cell_dir)
         earlier_s = None if resume is None else earlier_seconds(cell_dir, resume)
+        resumed_step = None if resume is None else global_step(resume / "trainer_state.json")
         with open(cell_dir / ATTEMPTS, "a") as f:
-            f.write(json.dumps({"start": time.time(), "earlier_s": earlier_s,
-                                "resumed_from_step": None if resume is None else global_step(
-                                    resume / "trainer_state.json")}) + "\n")
+            f.write(json.dumps({"start": time.time(), "earlier_s": earlier_s, "resumed_from_step": resumed_step})
+                    + "\n")
         cmd = distill_command(self.setup, self.command_args(cell, cell_dir), free_port())
         log = cell_dir / "train.log"
         start = time.monotonic()
@@ -249,7 +250,7 @@ class TinyBackend:
             raise CellFailed(f"cell {cell.id}: distill exited with {rc}; the end of {log}:\n{_tail(log)}")
         timings = {"train_s": round(train_s, 1)}
         if resume is not None:
-            timings = resumed_timings(out, resume, train_s, earlier_s)
+            timings = resumed_timings(out, resumed_step, train_s, earlier_s)
         scores = self.evaluate(out, cell_dir)
         timings["eval_s"] = round(time.monotonic() - start - train_s, 1)
         prune_student(out, keep_weights=self.keep_checkpoints)
