@@ -43,17 +43,24 @@ def test_learnability_bench_curricula(mini_root, tokenizer):
     assert "spatial" in out.stdout.splitlines()[-1]
 
 
-def test_learnability_bench_names_bad_arguments(mini_root, tokenizer, tmp_path):
-    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--families", "existence,colour")
-    assert out.returncode == 2 and "unknown families ['colour']" in out.stderr
-    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--curriculum", "spatial:10")
-    assert out.returncode == 2 and "not all in --families" in out.stderr
-    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--max-objects", "5:10")
-    assert out.returncode == 2 and "must be 1-4" in out.stderr
-    out = _run("--tokenizer", str(mini_root / "tokenizer"), "--max-objects", "1-300")
-    assert out.returncode == 2 and "expected VALUE:STEPS" in out.stderr
-    out = _run("--tokenizer", str(tmp_path / "missing"))
-    assert out.returncode == 2 and "no tokenizer at" in out.stderr and "llava.tiny.preset prepare" in out.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--families", "existence,colour"], "unknown families ['colour']"),
+    (["--curriculum", "spatial:10"], "not all in --families"),
+    (["--max-objects", "5:10"], "must be 1-4"),
+    (["--max-objects", "1-300"], "expected VALUE:STEPS"),
+    (["--tokenizer", "MISSING"], "llava.tiny.preset prepare"),
+])
+def test_learnability_bench_names_bad_arguments(mini_root, tokenizer, tmp_path, monkeypatch, capsys, args, message):
+    """The script's own parser, in-process (a subprocess per case only re-imports torch to fail on an argument)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_tiny_learnability", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    monkeypatch.setattr(sys, "argv", [str(BENCH), "--tokenizer", str(mini_root / "tokenizer"), *args])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 STAGE0 = BENCH.with_name("bench_tiny_stage0.py")

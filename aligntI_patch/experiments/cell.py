@@ -184,10 +184,9 @@ class TinyBackend:
         found = last_complete_checkpoint(str(self.paths(cell, cell_dir)[0]))
         return None if found is None else Path(found)
 
-    def command_args(self, cell: Cell, cell_dir: Path) -> list[str]:
-        """`student_args`, resuming from `resume_point` when there is one."""
+    def command_args(self, cell: Cell, cell_dir: Path, resume: Path | None) -> list[str]:
+        """`student_args`, resuming from the checkpoint `resume` unless None."""
         out, data = self.paths(cell, cell_dir)
-        resume = self.resume_point(cell, cell_dir)
         return student_args(self.setup, cell, out, data) + (
             [] if resume is None else ["--resume_from_checkpoint", str(resume)])
 
@@ -196,7 +195,8 @@ class TinyBackend:
         if cell.data_fraction != 1.0:
             data = self.paths(cell, cell_dir)[1]
             subset = f"# writes {data}: {cell.data_fraction:g} of finetune.json (seed {cell.seed})\n"
-        return subset + shlex.join(distill_command(self.setup, self.command_args(cell, cell_dir)))
+        args = self.command_args(cell, cell_dir, self.resume_point(cell, cell_dir))
+        return subset + shlex.join(distill_command(self.setup, args))
 
     def evaluate(self, checkpoint: Path, answers_dir: Path | None = None) -> dict[str, dict]:
         """{split: per-family summary} of `checkpoint` on the world's test and val questions ("test" reads
@@ -235,7 +235,7 @@ class TinyBackend:
         with open(cell_dir / ATTEMPTS, "a") as f:
             f.write(json.dumps({"start": time.time(), "earlier_s": earlier_s, "resumed_from_step": resumed_step})
                     + "\n")
-        cmd = distill_command(self.setup, self.command_args(cell, cell_dir), free_port())
+        cmd = distill_command(self.setup, self.command_args(cell, cell_dir, resume), free_port())
         log = cell_dir / "train.log"
         start = time.monotonic()
         with open(log, "w" if resume is None else "a") as f:
