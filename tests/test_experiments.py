@@ -14,7 +14,7 @@ import pytest
 
 from aligntI_patch.experiments.__main__ import main
 from aligntI_patch.experiments.cell import Outcome, distill_command, student_args, write_subset
-from aligntI_patch.experiments.context import Setup
+from aligntI_patch.experiments.context import PARTS, Setup
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, cell_id, expand, table7_layers
 from aligntI_patch.experiments.report import verdict, write_report
 from aligntI_patch.experiments.runner import read_rows, run_grid
@@ -354,9 +354,10 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"TINY_ROOT={tmp_path / 'tiny'} TINY_BACKBONE=qwen2" in text and "scripts/v1_5/pretrain.sh" in text
     assert f"--vision_tower {tmp_path / 'tiny' / 'siglip'}" in text and not out.exists()
-    with pytest.raises(FileNotFoundError, match="missing teacher, pretrain, world: --teacher and --pretrain"):
+    with pytest.raises(FileNotFoundError) as missing:
         main(["run", "--grid", "divergences", "--out", str(out), "--teacher", str(tmp_path / "t"),
               "--pretrain", str(tmp_path / "p"), "--world", str(tmp_path / "w")])
+    assert all(f"- {PARTS[part]}" in str(missing.value) for part in ("teacher", "data", "pretrain", "questions"))
     with pytest.raises(SystemExit):
         main(["run", "--grid", "divergences", "--out", str(out), "--seeds", "0", "--dry-run"])
 

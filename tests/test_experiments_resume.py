@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from aligntI_patch.experiments.cell import (
     ATTEMPTS,
-    TinyBackend,
+    DistillBackend,
     distill_command,
     earlier_seconds,
     resumed_timings,
@@ -49,7 +49,7 @@ def test_an_interrupted_cell_resumes_bitwise(tmp_path, mini_world, mini_checkpoi
     (cell_dir / "train.log").write_text("the interrupted run's log\n")
     shutil.copytree(straight / "checkpoint-2", cell_dir / "student" / "checkpoint-2")  # killed after this save
     shutil.copy(straight / "irs.json", cell_dir / "student" / "irs.json")
-    backend = TinyBackend(setup, keep_checkpoints=True)
+    backend = DistillBackend(setup, keep_checkpoints=True)
     assert "--resume_from_checkpoint" in backend.describe(cell, cell_dir)
 
     (row,) = run_grid(grid, [cell], out, backend)

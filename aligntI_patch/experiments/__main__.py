@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from aligntI_patch.experiments.cell import TinyBackend
+from aligntI_patch.experiments.cell import DistillBackend
 from aligntI_patch.experiments.context import (
     LAUNCHERS,
     REPO,
@@ -29,6 +29,7 @@ from aligntI_patch.experiments.context import (
 from aligntI_patch.experiments.exposure import FIG7_RECIPES, exposure_over_seeds
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, expand
 from aligntI_patch.experiments.irs_seeds import irs_over_seeds
+from aligntI_patch.experiments.lmms_scorer import parse_tasks
 from aligntI_patch.experiments.report import write_report
 from aligntI_patch.experiments.runner import dry_run, run_grid
 from aligntI_patch.experiments.status import status
@@ -40,6 +41,13 @@ def _seed_list(text: str) -> list[int]:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _task_list(text: str) -> tuple[str, ...]:
+    try:
+        return parse_tasks(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_parser(sub) -> None:
@@ -66,9 +74,25 @@ def _run_parser(sub) -> None:
     p.add_argument("--pretrain", help="student pretrain-stage checkpoint dir (full LLaVA-Qwen) instead of the preset's")
     p.add_argument("--world", help="tiny-world dir (finetune.json, images/, val/test questions) instead of the preset's")
     p.add_argument("--vision-tower", help="SigLIP dir (default: the preset's with its pretrain, else the checkpoint's)")
+    p.add_argument("--model", help="--launcher script: the student's LLM (dir or hub id); --pretrain is then "
+                   "pretrain.sh's output dir (mm_projector.safetensors)")
+    p.add_argument("--data", help="finetune data, LLaVA's json (default: the world's finetune.json)")
+    p.add_argument("--image-folder", help="images of --data (default: the world's images/)")
+    p.add_argument("--tasks", type=_task_list, default=(), metavar="TASK[:METRIC[:FILTER]][*SCALE],...",
+                   help="score with these lmms-eval tasks as the test split instead of the world's questions "
+                        "(the value x SCALE, default 100, is the %% in the report; e.g. gqa,pope,"
+                        "mme:mme_perception_score*0.05)")
+    p.add_argument("--val-tasks", type=_task_list, default=(), metavar="TASKS",
+                   help="lmms-eval tasks scored as the val split (the budget grid chooses on them)")
+    p.add_argument("--include-path", help="lmms-eval --include_path: a folder of task YAMLs of your own")
+    p.add_argument("--lmms-args", default="", help="more lmms-eval flags, split as a shell would (e.g. '--limit "
+                   "200'; part of the setup: every number of the out dir is scored alike)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="cpu",
-                   help="cpu (default): python --use_cpu; deepspeed: the deepspeed launcher on --num_gpus GPUs")
-    p.add_argument("--num_gpus", "--num-gpus", type=int, default=None, help="GPUs for --launcher deepspeed (default: all visible)")
+                   help="cpu (default): python --use_cpu; deepspeed: the deepspeed launcher on --num_gpus GPUs; "
+                        "script: scripts/v1_5/distill_aligntI.sh at full scale (needs --model, --pretrain, --teacher, "
+                        "--vision-tower, --data, --image-folder; BATCH, GRAD_ACC, LR, ... from your environment)")
+    p.add_argument("--num_gpus", "--num-gpus", type=int, default=None,
+                   help="GPUs for --launcher deepspeed/script and lmms-eval (default: all visible)")
     p.add_argument("--ds-config", help="DeepSpeed config for --launcher deepspeed (default scripts/zero2.json)")
     p.add_argument("--extra-args", default="", help="more distill flags for every cell, split as a shell would "
                    "(they enter the cell ids)")
@@ -120,16 +144,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("no seeds: give --seeds N (N >= 1) or --seed-list")
     if not 0 < args.data_fraction <= 1 or args.epochs <= 0:
         parser.error("--data-fraction must lie in (0, 1] and --epochs be > 0")
-    explicit = (args.teacher, args.pretrain, args.world)
+    own_world = args.world or (args.data and args.image_folder and args.tasks)  # nothing read from a world
+    explicit = (args.teacher, args.pretrain, own_world)
     test_split, _, n_test = args.test_split.partition("=")
     if n_test and not (n_test.isdigit() and int(n_test) > 0):
         parser.error(f"--test-split {args.test_split!r}: expected NAME or NAME=N with N >= 1")
-    setup = resolve_setup(args.root, args.backbone, *explicit, vision_tower=args.vision_tower,
-                          launcher=args.launcher, num_gpus=args.num_gpus, ds_config=args.ds_config,
-                          test_split=test_split)
+    if args.launcher == "script" and not all((args.model, *explicit, args.vision_tower)):
+        parser.error("--launcher script needs --model, --pretrain, --teacher, --vision-tower and the data: --data "
+                     "with --image-folder and lmms-eval --tasks (or a tiny --world)")
+    if args.grid == "budget" and args.tasks and not args.val_tasks:
+        parser.error("the budget grid chooses on the val split: give --val-tasks (never the test tasks)")
+    try:
+        setup = resolve_setup(args.root, args.backbone, args.teacher, args.pretrain, args.world,
+                              vision_tower=args.vision_tower, launcher=args.launcher, num_gpus=args.num_gpus,
+                              ds_config=args.ds_config, test_split=test_split, model=args.model, data=args.data,
+                              image_folder=args.image_folder, tasks=args.tasks, val_tasks=args.val_tasks,
+                              include_path=args.include_path, lmms_args=tuple(shlex.split(args.lmms_args)))
+    except ValueError as e:
+        parser.error(str(e))
     grid = build_grid(args.grid, setup.teacher_layers())
     cells = expand(grid, seeds, args.epochs, args.data_fraction, tuple(args.only), tuple(shlex.split(args.extra_args)))
-    backend = TinyBackend(setup, keep_checkpoints=args.keep_checkpoints, eval_batch_size=args.eval_batch_size)
+    backend = DistillBackend(setup, keep_checkpoints=args.keep_checkpoints, eval_batch_size=args.eval_batch_size)
     uses_preset = not all(explicit)
     if args.dry_run:
         if missing_parts(setup) and uses_preset:

@@ -4,9 +4,13 @@ Design choices
 - Hyperparameters are the main job's for its Align-TI student (`scripts/v1_5/distill_aligntI.sh` on the tiny
   preset): the preset's student finetune stage (`llava.tiny.preset.STUDENT_STAGES`) and its shared stage
   flags (`common_train_args`); a test checks them against the script's defaults. Only the recipe, its flags,
-  the epochs, the data and `--seed` change from cell to cell.
+  the epochs, the data and `--seed` change from cell to cell. At full scale (launcher `script`) the cell runs
+  that script itself with its real-scale variables (`script_env`): its defaults, or the caller's BATCH,
+  GRAD_ACC, LR, MAX_LEN, ... (one place holds the real-scale hyperparameters: the script).
+- Scoring: the world's val and test questions (`evaluate_tiny`), or lmms-eval tasks (`lmms_scorer.py`).
 - Training runs in a subprocess (a fresh process per cell, as the main job; the deepspeed launcher needs one
-  anyway); its output goes to CELL/train.log. Scoring runs in this process (`evaluate_tiny`).
+  anyway); its output goes to CELL/train.log. Tiny-world scoring runs in this process (`evaluate_tiny`),
+  lmms-eval in its own.
 - A data fraction below 1 trains on CELL/finetune_subset.json: the first round(f * n) records of a
   permutation drawn from the seed, kept in the original order, so the 25 % subset is inside the 50 % one.
 - An interrupted cell resumes from the newest complete trainer checkpoint its student left (`--save_steps` of
@@ -26,15 +30,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aligntI_patch.experiments.context import REPO, Setup
 from aligntI_patch.experiments.grids import Cell, canonical_options
+from aligntI_patch.experiments.lmms_scorer import score_with_lmms_eval
 from llava.tiny.preset import STUDENT_STAGES, common_train_args
 
 SPLITS = ("test", "val")
+DISTILL_SCRIPT = REPO / "scripts" / "v1_5" / "distill_aligntI.sh"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -58,7 +65,7 @@ def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
 def student_args(setup: Setup, cell: Cell, output_dir: Path, data_path: Path) -> list[str]:
     """The arguments of `aligntI_patch.distill` for `cell` (no launcher flags)."""
     stage = STUDENT_STAGES["finetune"]
-    shared = common_train_args(output_dir, data_path, setup.world / "images", setup.version, cell.epochs,
+    shared = common_train_args(output_dir, data_path, setup.images, setup.version, cell.epochs,
                                stage["lr"], stage["batch"])
     shared = [a for a in shared if a != "--use_cpu"]  # the launcher decides
     shared = _replace_flag(_replace_flag(shared, "--seed", str(cell.seed)), "--disable_tqdm", "True")
@@ -66,8 +73,30 @@ def student_args(setup: Setup, cell: Cell, output_dir: Path, data_path: Path) ->
     if setup.vision_tower is not None:
         model += ["--vision_tower", str(setup.vision_tower)]
     model += ["--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--image_aspect_ratio", "pad"]
+    return [*model, *shared, *recipe_args(cell)]
+
+
+def recipe_args(cell: Cell) -> list[str]:
+    """--recipe, the cell's options and extra flags (what a cell changes beyond epochs, data and seed)."""
     options = [a for k, v in canonical_options(cell.recipe, cell.options).items() for a in (f"--{k}", str(v))]
-    return [*model, *shared, "--recipe", cell.recipe, *options, *cell.extra_args]
+    return ["--recipe", cell.recipe, *options, *cell.extra_args]
+
+
+def script_env(setup: Setup, cell: Cell, output_dir: Path, data_path: Path, resume: Path | None,
+               port: str | None = None) -> dict[str, str]:
+    """The variables that make `bash scripts/v1_5/distill_aligntI.sh` (its real-scale branch) train `cell`; the
+    caller's other variables (BATCH, GRAD_ACC, LR, MAX_LEN, EXTRA_ARGS, NUM_NODES, HOSTFILE, ...) pass through."""
+    distill = [*recipe_args(cell), "--seed", str(cell.seed), "--disable_tqdm", "True"]
+    if resume is not None:
+        distill += ["--resume_from_checkpoint", str(resume)]
+    env = {"MODEL": str(setup.model), "TEACHER": str(setup.teacher), "PRETRAIN_DIR": str(setup.pretrain),
+           "VISION_TOWER": str(setup.vision_tower), "DATA_PATH": str(data_path), "IMAGE_FOLDER": str(setup.images),
+           "VERSION": setup.version, "OUTPUT_DIR": str(output_dir), "EPOCHS": f"{cell.epochs:g}",
+           "NUM_GPUS": str(setup.num_gpus), "DS_CONFIG": str(setup.ds_config), "PYTHON": sys.executable,
+           "DISTILL_ARGS": shlex.join(distill)}
+    if port and "MASTER_PORT" not in os.environ:  # runners sharing a node must not share a port
+        env["MASTER_PORT"] = port
+    return env
 
 
 def distill_command(setup: Setup, args: list[str], port: str | None = None) -> list[str]:
@@ -78,6 +107,11 @@ def distill_command(setup: Setup, args: list[str], port: str | None = None) -> l
     port_args = ["--master_port", port] if port else []
     return [launcher, "--num_gpus", str(setup.num_gpus), *port_args, "--module", "aligntI_patch.distill",
             "--deepspeed", str(setup.ds_config), *args]
+
+
+def shell_line(cmd: list[str], env: dict[str, str]) -> str:
+    """`VAR=value ... cmd args`, quoted for a shell."""
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)])
 
 
 def write_subset(data_path: Path, fraction: float, seed: int, out: Path) -> Path:
@@ -156,8 +190,8 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 @dataclass
-class TinyBackend:
-    """The real backend of the runner: distill in a subprocess, then `evaluate_tiny` on val and test.
+class DistillBackend:
+    """The real backend of the runner: distill in a subprocess, then score on val and test (`evaluate`).
 
     The runner calls only `describe`, `identity`, `evaluate_teacher`, `resume_point` and `train_and_evaluate`;
     a test passes any object with these five methods instead (`run_grid(..., backend=...)`)."""
@@ -171,7 +205,7 @@ class TinyBackend:
 
     def paths(self, cell: Cell, cell_dir: Path) -> tuple[Path, Path]:
         """The student's output dir and the finetune data of `cell`."""
-        data = self.setup.world / "finetune.json"
+        data = self.setup.finetune_data
         if cell.data_fraction != 1.0:
             data = cell_dir / "finetune_subset.json"
         return cell_dir / "student", data
@@ -184,24 +218,32 @@ class TinyBackend:
         found = last_complete_checkpoint(str(self.paths(cell, cell_dir)[0]))
         return None if found is None else Path(found)
 
-    def command_args(self, cell: Cell, cell_dir: Path, resume: Path | None) -> list[str]:
-        """`student_args`, resuming from the checkpoint `resume` unless None."""
+    def command(self, cell: Cell, cell_dir: Path, resume: Path | None,
+                port: str | None = None) -> tuple[list[str], dict[str, str]]:
+        """(command, the variables it adds to the environment) that trains `cell`, resuming from `resume`."""
         out, data = self.paths(cell, cell_dir)
-        return student_args(self.setup, cell, out, data) + (
-            [] if resume is None else ["--resume_from_checkpoint", str(resume)])
+        if self.setup.launcher == "script":
+            return ["bash", str(DISTILL_SCRIPT)], script_env(self.setup, cell, out, data, resume, port)
+        args = student_args(self.setup, cell, out, data)
+        if resume is not None:
+            args += ["--resume_from_checkpoint", str(resume)]
+        return distill_command(self.setup, args, port), {}
 
     def describe(self, cell: Cell, cell_dir: Path) -> str:
         subset = ""
         if cell.data_fraction != 1.0:
             data = self.paths(cell, cell_dir)[1]
-            subset = f"# writes {data}: {cell.data_fraction:g} of finetune.json (seed {cell.seed})\n"
-        args = self.command_args(cell, cell_dir, self.resume_point(cell, cell_dir))
-        return subset + shlex.join(distill_command(self.setup, args))
+            subset = f"# writes {data}: {cell.data_fraction:g} of {self.setup.finetune_data} (seed {cell.seed})\n"
+        cmd, env = self.command(cell, cell_dir, self.resume_point(cell, cell_dir))
+        return subset + shell_line(cmd, env)
 
     def evaluate(self, checkpoint: Path, answers_dir: Path | None = None) -> dict[str, dict]:
-        """{split: per-family summary} of `checkpoint` on the world's test and val questions ("test" reads
-        `setup.test_split`). With `answers_dir`: its answers_{split}.jsonl and each question's score in
-        scores_{split}.json ({question_id: score}, for the report's paired bootstrap)."""
+        """{split: per-family summary} of `checkpoint`: the world's test and val questions ("test" reads
+        `setup.test_split`), or the lmms-eval tasks of `setup.tasks` ("test") and `setup.val_tasks` ("val").
+        With `answers_dir`: the answers (answers_{split}.jsonl, or lmms-eval's output in lmms_{split}/) and each
+        question's score in scores_{split}.json ({question_id: score}, for the report's paired bootstrap)."""
+        if self.setup.tasks:
+            return self._evaluate_lmms(checkpoint, answers_dir)
         import torch
 
         from llava.eval.eval_tiny import evaluate_tiny
@@ -220,6 +262,21 @@ class TinyBackend:
             torch.cuda.empty_cache()
         return scores
 
+    def _evaluate_lmms(self, checkpoint: Path, answers_dir: Path | None) -> dict[str, dict]:
+        """`evaluate` with lmms-eval (the teacher's output goes to a temporary folder)."""
+        with tempfile.TemporaryDirectory(prefix="lmms-teacher-") as tmp:
+            folder = Path(tmp) if answers_dir is None else answers_dir
+            scores = {}
+            for split, tasks in (("test", self.setup.tasks), ("val", self.setup.val_tasks)):
+                if not tasks:
+                    continue
+                scores[split], per_question = score_with_lmms_eval(
+                    checkpoint, tasks, folder / f"lmms_{split}", self.setup.num_gpus, self.eval_batch_size,
+                    self.setup.include_path, self.setup.lmms_args)
+                if answers_dir is not None and per_question:
+                    (answers_dir / f"scores_{split}.json").write_text(json.dumps(per_question))
+        return scores
+
     def evaluate_teacher(self) -> dict[str, dict]:
         return self.evaluate(self.setup.teacher)
 
@@ -228,22 +285,22 @@ class TinyBackend:
 
         out, data = self.paths(cell, cell_dir)
         if cell.data_fraction != 1.0:
-            write_subset(self.setup.world / "finetune.json", cell.data_fraction, cell.seed, data)
+            write_subset(self.setup.finetune_data, cell.data_fraction, cell.seed, data)
         resume = self.resume_point(cell, cell_dir)
         earlier_s = None if resume is None else earlier_seconds(cell_dir, resume)
         resumed_step = None if resume is None else global_step(resume / "trainer_state.json")
         with open(cell_dir / ATTEMPTS, "a") as f:
             f.write(json.dumps({"start": time.time(), "earlier_s": earlier_s, "resumed_from_step": resumed_step})
                     + "\n")
-        cmd = distill_command(self.setup, self.command_args(cell, cell_dir, resume), free_port())
+        cmd, variables = self.command(cell, cell_dir, resume, free_port())
         log = cell_dir / "train.log"
         start = time.monotonic()
         with open(log, "w" if resume is None else "a") as f:
             if resume is not None:
                 f.write(f"\n# resumed from {resume} (the interrupted run's log is above)\n")
-            f.write(shlex.join(cmd) + "\n")
+            f.write(shell_line(cmd, variables) + "\n")
             f.flush()
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **variables}
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env).returncode
         train_s = time.monotonic() - start
         if rc != 0:

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
-    """What the runner needs to train and score (`cell.TinyBackend`; tests pass a fake)."""
+    """What the runner needs to train and score (`cell.DistillBackend`; tests pass a fake)."""
 
     def identity(self) -> dict: ...
 
@@ -231,7 +231,7 @@ def run_grid(grid: Grid, cells: list[Cell], out: Path, backend: Backend, *, keep
              write: Callable[[str], object] = lambda s: None) -> list[dict]:
     """Run every unfinished cell of `cells` into `out` with `backend`; the rows of the cells run now.
 
-    `backend` does the training and scoring (`cell.TinyBackend` from the CLI; any object with its five
+    `backend` does the training and scoring (`cell.DistillBackend` from the CLI; any object with its five
     methods in tests). Cells already started come first, then the others in the order given. With `keep_going`, a failed cell is reported and the next one runs; otherwise the
     first failure raises (the failed cell stays unfinished and reruns next time). A cell that another runner
     of `out` is training is passed by (its row comes from that runner)."""
