@@ -19,6 +19,7 @@ from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, cell_id, exp
 from aligntI_patch.experiments.report import verdict, write_report
 from aligntI_patch.experiments.runner import read_rows, run_grid
 from aligntI_patch.experiments.stats import mean_interval
+from llava.eval.eval_tiny import evaluate_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -396,12 +397,14 @@ def test_report_tables_gap_and_claims(tmp_path):
 def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mini_checkpoint, mini_teacher,
                                                         capsys):
     """1 seed, 2 cells (sft and kd on half the data), real distillation and scoring on an added test split (its
-    per-question scores saved), then the report with its paired bootstrap."""
+    per-question scores saved), then the report with its paired bootstrap; then the kept students rescored on
+    an added val split."""
     out, world = tmp_path / "out", tmp_path / "world"
     shutil.copytree(mini_world, world)  # the session's world stays as it is
-    main(["run", "--grid", "loss_terms", "--seeds", "1", "--only", "sft", "--only", "kd", "--data-fraction", "0.5",
-          "--out", str(out), "--teacher", str(mini_teacher), "--pretrain", str(mini_checkpoint),
-          "--world", str(world), "--test-split", "test_more=14"])
+    run = ["run", "--grid", "loss_terms", "--seeds", "1", "--only", "sft", "--only", "kd", "--data-fraction", "0.5",
+           "--out", str(out), "--teacher", str(mini_teacher), "--pretrain", str(mini_checkpoint),
+           "--world", str(world), "--test-split", "test_more=14", "--keep-checkpoints"]
+    main(run)
     assert (world / "test_more_questions.jsonl").is_file()
     rows = read_rows(out)
     assert sorted(rows) == ["kd-ep1-frac0.5-seed0", "sft-ep1-frac0.5-seed0"]
@@ -412,7 +415,7 @@ def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mi
         assert len(scores) == 14 and 100 * sum(scores.values()) / 14 == pytest.approx(row["test"]["overall"])
         student = out / "cells" / cell / "student"
         assert (student / "recipe.json").is_file() and (out / "cells" / cell / "train.log").is_file()
-        assert not list(student.glob("*.safetensors")) and not list(student.glob("checkpoint-*"))
+        assert (student / "model.safetensors").is_file() and not list(student.glob("checkpoint-*"))
         assert len(json.loads((out / "cells" / cell / "finetune_subset.json").read_text())) > 0
     assert json.loads((out / "cells" / "kd-ep1-frac0.5-seed0" / "student" / "recipe.json").read_text())[
         "recipe"] == "kd"
@@ -422,3 +425,19 @@ def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mi
     assert "## loss_terms" in text and "2 of 2 cells finished" in text and (out / "loss_terms.png").is_file()
     line = next(x for x in text.splitlines() if x.startswith("| kd − sft |"))
     assert "| 1 x 14 |" in line  # the bootstrap over the one seed and the 14 questions
+    # rescore on a new val split: the rows' val is what evaluate_tiny gives on it, test as it was
+    main(["rescore", "--out", str(out), "--val-split", "val_more=21"])
+    assert json.loads((out / "setup.json").read_text())["val_split"] == "val_more"
+    again = read_rows(out)
+    student = out / "cells" / "kd-ep1-frac0.5-seed0" / "student"
+    reference = evaluate_tiny(str(student), world, split="val_more")
+    row = again["kd-ep1-frac0.5-seed0"]
+    assert row["val"]["overall"] == pytest.approx(100 * reference["overall"]["accuracy"])
+    assert row["n"]["val"]["overall"] == 21 and row["splits"] == {"val": "val_more"}
+    assert row["test"] == rows["kd-ep1-frac0.5-seed0"]["test"]
+    teacher = json.loads((out / "teacher.json").read_text())
+    assert teacher["val"]["overall"] == pytest.approx(
+        100 * evaluate_tiny(str(mini_teacher), world, split="val_more")["overall"]["accuracy"])
+    with pytest.raises(ValueError, match="another setup"):  # the val split is the out dir's now
+        main(run)
+    main([*run, "--val-split", "val_more"])  # everything done on the same setup: nothing reruns

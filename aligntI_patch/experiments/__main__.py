@@ -4,6 +4,7 @@
     python -m aligntI_patch.experiments report --out DIR
     python -m aligntI_patch.experiments exposure --out DIR --epochs E [--seeds N] [--family describe]
     python -m aligntI_patch.experiments irs --out DIR [--seeds N] [--num-pairs 1000]
+    python -m aligntI_patch.experiments rescore --out DIR [--val-split NAME[=N]] [--test-split NAME[=N]]
     python -m aligntI_patch.experiments status --out DIR
     python -m aligntI_patch.experiments grids
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -22,15 +24,17 @@ from aligntI_patch.experiments.context import (
     REPO,
     build_command,
     ensure_cache,
-    ensure_test_split,
+    ensure_splits,
     missing_parts,
     resolve_setup,
+    setup_from_record,
 )
 from aligntI_patch.experiments.exposure import FIG7_RECIPES, exposure_over_seeds
 from aligntI_patch.experiments.grids import GRID_NAMES, build_grid, expand
 from aligntI_patch.experiments.irs_seeds import irs_over_seeds
 from aligntI_patch.experiments.lmms_scorer import parse_tasks
 from aligntI_patch.experiments.report import write_report
+from aligntI_patch.experiments.rescore import rescore
 from aligntI_patch.experiments.runner import dry_run, run_grid
 from aligntI_patch.experiments.status import status
 from llava.tiny.preset import STUDENT_STAGES
@@ -41,6 +45,14 @@ def _seed_list(text: str) -> list[int]:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _split(text: str, parser: argparse.ArgumentParser) -> tuple[str, int | None]:
+    """--test-split / --val-split NAME[=N] -> (NAME, N or None)."""
+    name, _, n = text.partition("=")
+    if not name or (n and not (n.isdigit() and int(n) > 0)):
+        parser.error(f"split {text!r}: expected NAME or NAME=N with N >= 1")
+    return name, int(n) if n else None
 
 
 def _task_list(text: str) -> tuple[str, ...]:
@@ -100,6 +112,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--test-split", default="test", metavar="NAME[=N]",
                    help="the world's split scored as test (default test, 86 questions per family); NAME=N adds it "
                         "when missing, drawn like test (e.g. test_large=4200: 600 per family); fixed per out dir")
+    p.add_argument("--val-split", default="val", metavar="NAME[=N]",
+                   help="the world's split scored as val (default val, 43 questions per family), as --test-split "
+                        "(e.g. val_large=4200); fixed per out dir (`rescore` changes it for the finished cells)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     irs.add_argument("--num-pairs", type=int, default=1000, help="pairs per pairing and seed (default: the "
                      "paper's 1000)")
     irs.add_argument("--batch-size", type=int, default=8)
+    rs = sub.add_parser("rescore", help="score the teacher and the finished cells (kept weights) on other splits "
+                        "of the world, e.g. a larger val; stop the runners first")
+    rs.add_argument("--out", required=True, help="the out dir of `run`")
+    rs.add_argument("--val-split", metavar="NAME[=N]", help="the new split scored as val (NAME=N adds it when "
+                    "missing, e.g. val_large=4200)")
+    rs.add_argument("--test-split", metavar="NAME[=N]", help="the new split scored as test")
+    rs.add_argument("--eval-batch-size", type=int, default=32)
     st = sub.add_parser("status", help="per grid: cells finished / started / waiting, time spent and left")
     st.add_argument("--out", required=True, help="the out dir of `run`")
     sub.add_parser("grids", help="list the grids, their rows and claims (iva_layer for a 4-layer teacher)")
@@ -146,9 +168,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--data-fraction must lie in (0, 1] and --epochs be > 0")
     own_world = args.world or (args.data and args.image_folder and args.tasks)  # nothing read from a world
     explicit = (args.teacher, args.pretrain, own_world)
-    test_split, _, n_test = args.test_split.partition("=")
-    if n_test and not (n_test.isdigit() and int(n_test) > 0):
-        parser.error(f"--test-split {args.test_split!r}: expected NAME or NAME=N with N >= 1")
+    (test_split, n_test), (val_split, n_val) = _split(args.test_split, parser), _split(args.val_split, parser)
     if args.launcher == "script" and not all((args.model, *explicit, args.vision_tower)):
         parser.error("--launcher script needs --model, --pretrain, --teacher, --vision-tower and the data: --data "
                      "with --image-folder and lmms-eval --tasks (or a tiny --world)")
@@ -157,9 +177,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
         setup = resolve_setup(args.root, args.backbone, args.teacher, args.pretrain, args.world,
                               vision_tower=args.vision_tower, launcher=args.launcher, num_gpus=args.num_gpus,
-                              ds_config=args.ds_config, test_split=test_split, model=args.model, data=args.data,
-                              image_folder=args.image_folder, tasks=args.tasks, val_tasks=args.val_tasks,
-                              include_path=args.include_path, lmms_args=tuple(shlex.split(args.lmms_args)))
+                              ds_config=args.ds_config, test_split=test_split, val_split=val_split,
+                              model=args.model, data=args.data, image_folder=args.image_folder, tasks=args.tasks,
+                              val_tasks=args.val_tasks, include_path=args.include_path,
+                              lmms_args=tuple(shlex.split(args.lmms_args)))
     except ValueError as e:
         parser.error(str(e))
     grid = build_grid(args.grid, setup.teacher_layers())
@@ -174,9 +195,27 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         dry_run(grid, cells, Path(args.out), backend, sys.stdout.write)
         return
     ensure_cache(setup, args.root, args.backbone, uses_preset)
-    ensure_test_split(setup, int(n_test) if n_test else None)
+    ensure_splits(setup, {"test": n_test, "val": n_val})
     run_grid(grid, cells, args.out, backend, keep_going=args.keep_going, write=sys.stdout.write)
     sys.stdout.write(f"done; the report: python -m aligntI_patch.experiments report --out {args.out}\n")
+
+
+def run_rescore(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    record = Path(args.out) / "setup.json"
+    if not record.is_file():
+        parser.error(f"{record} not found: rescore works on the out dir of `run`")
+    saved = json.loads(record.read_text())
+    if saved.get("tasks"):
+        parser.error("the cells of this out dir are scored by lmms-eval tasks: rescore changes the world's splits")
+    changes, sizes = {}, {}
+    for split, text in (("test", args.test_split), ("val", args.val_split)):
+        if text:
+            changes[f"{split}_split"], sizes[split] = _split(text, parser)
+    if not changes:
+        parser.error("give --val-split and/or --test-split: the new splits")
+    setup = setup_from_record(saved.get("rescoring") or saved, **changes)
+    ensure_splits(setup, sizes)
+    rescore(args.out, DistillBackend(setup, eval_batch_size=args.eval_batch_size), sys.stdout.write)
 
 
 def list_grids() -> None:
@@ -201,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         run(args, parser)
     elif args.command == "report":
         sys.stdout.write(write_report(args.out))
+    elif args.command == "rescore":
+        run_rescore(args, parser)
     elif args.command == "status":
         sys.stdout.write(status(args.out))
     elif args.command == "exposure":

@@ -237,11 +237,13 @@ class DistillBackend:
         cmd, env = self.command(cell, cell_dir, self.resume_point(cell, cell_dir))
         return subset + shell_line(cmd, env)
 
-    def evaluate(self, checkpoint: Path, answers_dir: Path | None = None) -> dict[str, dict]:
-        """{split: per-family summary} of `checkpoint`: the world's test and val questions ("test" reads
-        `setup.test_split`), or the lmms-eval tasks of `setup.tasks` ("test") and `setup.val_tasks` ("val").
-        With `answers_dir`: the answers (answers_{split}.jsonl, or lmms-eval's output in lmms_{split}/) and each
-        question's score in scores_{split}.json ({question_id: score}, for the report's paired bootstrap)."""
+    def evaluate(self, checkpoint: Path, answers_dir: Path | None = None,
+                 splits: tuple[str, ...] = SPLITS) -> dict[str, dict]:
+        """{split: per-family summary} of `checkpoint` for `splits` (of test, val): the world's questions of
+        `setup.test_split` / `setup.val_split`, or the lmms-eval tasks of `setup.tasks` ("test") and
+        `setup.val_tasks` ("val"). With `answers_dir`: the answers (answers_{split}.jsonl, or lmms-eval's output
+        in lmms_{split}/) and each question's score in scores_{split}.json ({question_id: score}, for the
+        report's paired bootstrap)."""
         if self.setup.tasks:
             return self._evaluate_lmms(checkpoint, answers_dir)
         import torch
@@ -249,8 +251,8 @@ class DistillBackend:
         from llava.eval.eval_tiny import evaluate_tiny
 
         scores = {}
-        for split in SPLITS:
-            source = self.setup.test_split if split == "test" else split
+        for split in splits:
+            source = self.setup.test_split if split == "test" else self.setup.val_split
             answers = None if answers_dir is None else answers_dir / f"answers_{split}.jsonl"
             scores[split] = evaluate_tiny(str(checkpoint), self.setup.world, split=source, answers_file=answers,
                                           batch_size=self.eval_batch_size, device=self.setup.device)
@@ -277,8 +279,8 @@ class DistillBackend:
                     (answers_dir / f"scores_{split}.json").write_text(json.dumps(per_question))
         return scores
 
-    def evaluate_teacher(self) -> dict[str, dict]:
-        return self.evaluate(self.setup.teacher)
+    def evaluate_teacher(self, splits: tuple[str, ...] = SPLITS) -> dict[str, dict]:
+        return self.evaluate(self.setup.teacher, splits=splits)
 
     def train_and_evaluate(self, cell: Cell, cell_dir: Path) -> Outcome:
         from llava.tiny.fixtures import free_port

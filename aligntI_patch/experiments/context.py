@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llava.tiny.configs import LLM_SIZES
-from llava.tiny.preset import is_complete, preset_paths, template_for
+from llava.tiny.preset import preset_paths, template_for
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Setup:
     num_gpus: int = 0
     ds_config: Path = REPO / "scripts" / "zero2.json"
     test_split: str = "test"  # the world's split scored as "test" (e.g. test_large: llava.tiny.world --add-split)
+    val_split: str = "val"  # the world's split scored as "val" (the budget grid chooses on it)
     model: str | None = None  # launcher "script": the student's LLM (a dir or a hub id)
     data: Path | None = None  # finetune data (LLaVA's json); None: the world's finetune.json
     image_folder: Path | None = None  # None: the world's images/
@@ -91,7 +92,7 @@ class Setup:
         record = {k: str(v) if v is not None else None for k, v in asdict(self).items()}
         record |= {"tasks": list(self.tasks), "val_tasks": list(self.val_tasks), "lmms_args": list(self.lmms_args)}
         keys = ("teacher", "pretrain", "world", "vision_tower", "version")
-        optional = {"test_split": "test", "model": None, "data": None, "image_folder": None, "tasks": [],
+        optional = {"test_split": "test", "val_split": "val", "model": None, "data": None, "image_folder": None, "tasks": [],
                     "val_tasks": [], "include_path": None, "lmms_args": []}
         return {k: record[k] for k in keys} | {k: record[k] for k, default in optional.items()
                                                if record[k] != default}
@@ -107,7 +108,7 @@ class Setup:
 def resolve_setup(root: str | Path, backbone: str, teacher: str | None = None, pretrain: str | None = None,
                   world: str | None = None, vision_tower: str | None = None, launcher: str = "cpu",
                   num_gpus: int | None = None, ds_config: str | None = None, test_split: str = "test",
-                  model: str | None = None, data: str | None = None, image_folder: str | None = None,
+                  val_split: str = "val", model: str | None = None, data: str | None = None, image_folder: str | None = None,
                   tasks: tuple[str, ...] = (), val_tasks: tuple[str, ...] = (),
                   include_path: str | None = None, lmms_args: tuple[str, ...] = ()) -> Setup:
     """The preset's paths under `root` for `backbone`, each replaced by the one given explicitly."""
@@ -123,7 +124,7 @@ def resolve_setup(root: str | Path, backbone: str, teacher: str | None = None, p
         vision_tower=_local_or_hub(tower) if tower else None,
         version=template_for(backbone), launcher=launcher, num_gpus=num_gpus,
         ds_config=Path(ds_config).resolve() if ds_config else REPO / "scripts" / "zero2.json",
-        test_split=test_split, model=str(_local_or_hub(model)) if model else None,
+        test_split=test_split, val_split=val_split, model=str(_local_or_hub(model)) if model else None,
         data=_absolute(data), image_folder=_absolute(image_folder), tasks=tuple(tasks), val_tasks=tuple(val_tasks),
         include_path=_absolute(include_path), lmms_args=tuple(lmms_args),
     )
@@ -131,6 +132,19 @@ def resolve_setup(root: str | Path, backbone: str, teacher: str | None = None, p
 
 def _absolute(path: str | None) -> Path | None:
     return Path(path).resolve() if path else None
+
+
+def setup_from_record(record: dict, **changes) -> Setup:
+    """The Setup that an out dir's setup.json records, with `changes` (e.g. val_split=...); it scores on the GPUs
+    visible (CPU when none) and trains nothing."""
+    paths = ("teacher", "pretrain", "world", "data", "image_folder", "include_path")
+    fields = {k: (Path(v) if k in paths and v is not None else v) for k, v in record.items() if k != "rescoring"}
+    fields |= {k: tuple(fields[k]) for k in ("tasks", "val_tasks", "lmms_args") if k in fields}
+    if fields.get("vision_tower") is not None:
+        fields["vision_tower"] = Path(fields["vision_tower"])
+    gpus = _visible_gpus()
+    launcher = "script" if fields.get("model") else "deepspeed" if gpus else "cpu"
+    return Setup(**{"vision_tower": None, **fields, **changes}, launcher=launcher, num_gpus=gpus)
 
 
 def _local_or_hub(name: str | Path) -> Path:
@@ -144,23 +158,29 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 PARTS = {  # what each part of a setup must be, for the error that names a missing one
-    "teacher": "--teacher: a complete LLaVA-Qwen checkpoint (model.safetensors)",
-    "pretrain": "--pretrain: a complete LLaVA-Qwen checkpoint (model.safetensors)",
+    "teacher": "--teacher: a complete LLaVA-Qwen checkpoint (model.safetensors, or its shards' index)",
+    "pretrain": "--pretrain: a complete LLaVA-Qwen checkpoint (model.safetensors, or its shards' index)",
     "projector": "--pretrain: the output dir of pretrain.sh, with mm_projector.safetensors",
     "data": "--data / --image-folder (or --world): a LLaVA finetune json and its image folder",
     "questions": "--world: a tiny world with test_questions.jsonl (or lmms-eval --tasks)",
 }
 
 
+def has_weights(checkpoint: Path) -> bool:
+    """Whether a checkpoint dir holds a model's weights, in one file or sharded (a 7B teacher is)."""
+    return any((checkpoint / name).is_file() for name in WEIGHTS)
+
+
 def missing_parts(setup: Setup) -> list[str]:
     """The parts a cell needs that are not there yet (keys of PARTS; empty when the cells can run)."""
-    checks = {"teacher": is_complete(setup.teacher),
+    checks = {"teacher": has_weights(setup.teacher),
               "data": setup.finetune_data.is_file() and setup.images.is_dir()}
     if setup.launcher == "script":
         checks["projector"] = (setup.pretrain / "mm_projector.safetensors").is_file()
     else:
-        checks["pretrain"] = is_complete(setup.pretrain)
+        checks["pretrain"] = has_weights(setup.pretrain)
     if not setup.tasks:
         checks["questions"] = (setup.world / "test_questions.jsonl").is_file()
     return [name for name, ok in checks.items() if not ok]
@@ -189,14 +209,18 @@ def ensure_cache(setup: Setup, root: str | Path, backbone: str, uses_preset: boo
         raise RuntimeError(f"{' '.join(cmd)} ran but {', '.join(still)} is still missing under {root}")
 
 
-def ensure_test_split(setup: Setup, n_questions: int | None) -> None:
-    """The world's `setup.test_split` questions, added with `llava.tiny.world.add_eval_split` when missing and
-    `n_questions` is given (the world's own files are untouched)."""
-    if setup.tasks or (setup.world / f"{setup.test_split}_questions.jsonl").is_file():
+def ensure_splits(setup: Setup, sizes: dict[str, int | None]) -> None:
+    """The world's splits scored as test and val (`setup.test_split`, `setup.val_split`), each added with
+    `llava.tiny.world.add_eval_split` when missing and its size is given in `sizes` ({"test": N, "val": N}; the
+    world's own files are untouched). Nothing to do when lmms-eval tasks score the cells."""
+    if setup.tasks:
         return
-    if n_questions is None:
-        raise FileNotFoundError(f"{setup.world} has no {setup.test_split}_questions.jsonl: give "
-                                f"--test-split {setup.test_split}=N to add N questions drawn like test")
     from llava.tiny.world import add_eval_split
 
-    add_eval_split(setup.world, setup.test_split, n_questions, progress=True)
+    for split, name in (("test", setup.test_split), ("val", setup.val_split)):
+        if (setup.world / f"{name}_questions.jsonl").is_file():
+            continue
+        if sizes.get(split) is None:
+            raise FileNotFoundError(f"{setup.world} has no {name}_questions.jsonl: give --{split}-split {name}=N to "
+                                    f"add N questions drawn like {split}")
+        add_eval_split(setup.world, name, sizes[split], progress=True)

@@ -149,7 +149,10 @@ def check_setup(out: Path, identity: dict) -> None:
         write_json(path, identity)
         return
     saved = json.loads(path.read_text())
-    changed = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    # both ways: a key recorded but absent now (a field back at its default, e.g. a run without the --test-split
+    # of the out dir) changes the setup as much as a new one
+    changed = {k: (saved.get(k), identity.get(k)) for k in sorted(saved.keys() | identity.keys())
+               if saved.get(k) != identity.get(k)}
     if changed:
         raise ValueError(f"{out} holds cells of another setup ({changed}, as (recorded, now)): use another --out")
 
