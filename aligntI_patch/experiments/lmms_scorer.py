@@ -3,10 +3,10 @@
     python -m aligntI_patch.experiments run ... --tasks gqa,pope,mme:mme_perception_score*0.05 --val-tasks ...
 
 Design choices
-- A task item is `TASK[:METRIC[:FILTER]][*SCALE]`. Its column in the report is the item without SCALE; its value is lmms-eval's
-  aggregate `METRIC,FILTER` (lmms-eval's key; default: the task's first metric; filter `none`) times SCALE, default 100 (most
-  tasks report a fraction; the report reads percentages). Tasks on another scale say so: MME's perception
-  score (0-2000) with `*0.05`, MMBench's `gpt_eval_score` (already in %) with `*1`.
+- A task item is `TASK[:METRIC[:FILTER]][*SCALE]`. Its column in the report is the item without SCALE; its
+  value is lmms-eval's aggregate `METRIC,FILTER` (default: the task's first metric; filter `none`) times
+  SCALE, 100 by default (most tasks report a fraction; the report reads percentages). Tasks on another scale
+  say so: MME's perception score (0-2000) with `*0.05`, MMBench's `gpt_eval_score` (already in %) with `*1`.
 - `overall` is the mean of the task columns (the paper's "Avg." over benchmarks), its `n` their summed samples.
 - Per-question scores (the report's paired bootstrap) come from `--log_samples`: each sample's METRIC value
   times SCALE / 100, keyed `column/doc_id`, where it is a number; tasks whose samples hold structured values
@@ -50,12 +50,11 @@ class TaskSpec:
     @classmethod
     def parse(cls, text: str) -> TaskSpec:
         match = SPEC.match(text.strip())
-        scale = match and match["scale"]
         try:
-            scale = float(scale) if scale else 100.0
+            scale = float(match["scale"] or 100) if match else math.nan
         except ValueError:
-            match = None
-        if not match or not math.isfinite(scale) or scale <= 0:
+            scale = math.nan
+        if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"bad task {text!r}: expected TASK[:METRIC[:FILTER]][*SCALE], e.g. gqa, "
                              "pope:pope_accuracy or mme:mme_perception_score*0.05")
         return cls(match["task"], match["metric"], match["filter"] or "none", scale)
