@@ -423,6 +423,7 @@ def test_runner_and_report_end_to_end_on_the_mini_world(tmp_path, mini_world, mi
     main(["report", "--out", str(out)])
     text = capsys.readouterr().out
     assert "## loss_terms" in text and "2 of 2 cells finished" in text and (out / "loss_terms.png").is_file()
+    assert "scored on the world's splits test_more (test), val (val)" in text
     line = next(x for x in text.splitlines() if x.startswith("| kd − sft |"))
     assert "| 1 x 14 |" in line  # the bootstrap over the one seed and the 14 questions
     # rescore on a new val split: the rows' val is what evaluate_tiny gives on it, test as it was

@@ -306,6 +306,13 @@ def grid_section(manifest: dict, rows: dict[str, dict], teacher_all: dict, out: 
     return "\n\n".join(p for p in parts if p)
 
 
+def _scored_on(setup: dict) -> str:
+    """What the rows' test and val numbers are, from setup.json."""
+    if setup.get("tasks"):
+        return f"lmms-eval tasks {', '.join(setup['tasks'])} (test), {', '.join(setup.get('val_tasks', [])) or '-'} (val)"
+    return f"the world's splits {setup.get('test_split', 'test')} (test), {setup.get('val_split', 'val')} (val)"
+
+
 def write_report(out: str | Path) -> str:
     """DIR/report.md (and DIR/<grid>.png) from an out dir; returns the markdown."""
     out = Path(out)
@@ -313,9 +320,11 @@ def write_report(out: str | Path) -> str:
     setup = json.loads((out / "setup.json").read_text()) if (out / "setup.json").is_file() else {}
     commits = sorted({r.get("commit", "?") for r in rows.values()})
     hosts = sorted({r.get("host", "?") for r in rows.values()})
+    student = f"student LLM `{setup['model']}`, " if setup.get("model") else "student "
     head = ("# Miniature reproduction: results\n\n"
-            f"Teacher `{setup.get('teacher', '?')}`, student pretrain `{setup.get('pretrain', '?')}`, world "
-            f"`{setup.get('world', '?')}`; commits {', '.join(commits) or '-'}; hosts {', '.join(hosts) or '-'}.")
+            f"Teacher `{setup.get('teacher', '?')}`, {student}pretrain `{setup.get('pretrain', '?')}`, world "
+            f"`{setup.get('world', '?')}`, scored on {_scored_on(setup)}; commits {', '.join(commits) or '-'}; "
+            f"hosts {', '.join(hosts) or '-'}.")
     text = "\n\n".join([head, *(grid_section(m, rows, teacher, out) for m in manifests)]) + "\n"
     (out / "report.md").write_text(text)
     return text
