@@ -173,20 +173,22 @@ def test_identity_of_an_out_dir_made_before_the_full_scale_fields(tmp_path):
 # ------------------------------------------------------------------------------------------ lmms-eval, for real
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_lmms_scoring_equals_the_tiny_worlds_scorer(mini_checkpoint, mini_world, tmp_path, monkeypatch):
-    """The backend scoring with lmms-eval's tiny_world task (one real `python -m lmms_eval` run) gives the
-    numbers of `evaluate_tiny` on the same questions, and per-question scores for the bootstrap."""
+def test_lmms_scoring_through_the_backend(mini_checkpoint, mini_world, tmp_path, monkeypatch):
+    """One real `python -m lmms_eval` run through the backend: tiny_world's numbers are `evaluate_tiny`'s on the
+    same questions (the untrained mini checkpoint answers none right: 0 = 0, the counts are what tell), and
+    tiny_world_mc's likelihood accuracy (not 0) arrives scaled, its n the closed-form questions of the world,
+    its per-question scores averaging to it."""
     if os.environ.get("CI", "").lower() in ("", "0", "false"):  # in CI a missing lmms-eval fails the test
         pytest.importorskip("lmms_eval")
     from llava.eval.eval_tiny import evaluate_tiny
-    from llava.eval.lmms_tasks.tiny_world.prepare import write_task_jsonl
+    from llava.eval.lmms_tasks.tiny_world.prepare import task_rows, write_task_jsonl
 
     monkeypatch.chdir(tmp_path)  # the task YAML reads its jsonl relative to the working directory
     write_task_jsonl(mini_world, Path("playground/tiny/data/lmms_eval/test.jsonl"))
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}.items():
         monkeypatch.setenv(key, value)
     setup = Setup(teacher=mini_checkpoint, pretrain=mini_checkpoint, world=mini_world, vision_tower=None,
-                  version="qwen_2", tasks=("tiny_world:overall", "tiny_world:describe"),
+                  version="qwen_2", tasks=("tiny_world:overall", "tiny_world:describe", "tiny_world_mc*50"),
                   include_path=ROOT / "llava" / "eval" / "lmms_tasks")
     answers = tmp_path / "cell"
     answers.mkdir()
@@ -197,9 +199,16 @@ def test_lmms_scoring_equals_the_tiny_worlds_scorer(mini_checkpoint, mini_world,
     assert test["tiny_world:overall"]["accuracy"] == pytest.approx(reference["overall"]["accuracy"])
     assert test["tiny_world:describe"]["accuracy"] == pytest.approx(reference["describe"]["accuracy"])
     assert test["tiny_world:describe"]["n"] == reference["describe"]["n"]
-    assert test["overall"]["accuracy"] == pytest.approx(
-        (reference["overall"]["accuracy"] + reference["describe"]["accuracy"]) / 2)
     per_question = json.loads((answers / "scores_test.json").read_text())
     overall = [v for k, v in per_question.items() if k.startswith("tiny_world:overall/")]
     assert len(overall) == reference["overall"]["n"]
     assert sum(overall) / len(overall) == pytest.approx(reference["overall"]["accuracy"])
+    closed = sum(r["family"] in ("existence", "choice") for r in task_rows(mini_world))
+    mc = [v for k, v in per_question.items() if k.startswith("tiny_world_mc/")]
+    assert test["tiny_world_mc"]["n"] == closed == len(mc)
+    assert 0 < test["tiny_world_mc"]["accuracy"] <= 0.5 and test["tiny_world_mc"]["accuracy"] == pytest.approx(
+        sum(mc) / len(mc))  # x 50 / 100
+    lmms = json.loads(next((answers / "lmms_test").rglob("*_results.json")).read_text())["results"]
+    assert test["tiny_world_mc"]["accuracy"] == pytest.approx(lmms["tiny_world_mc"]["acc,none"] / 2)
+    assert test["overall"]["accuracy"] == pytest.approx(
+        (reference["overall"]["accuracy"] + reference["describe"]["accuracy"] + test["tiny_world_mc"]["accuracy"]) / 3)
