@@ -11,6 +11,7 @@ from test_experiments import FakeBackend, _run, _summary
 
 from aligntI_patch.experiments.rescore import rescore
 from aligntI_patch.experiments.runner import claimed, read_rows
+from aligntI_patch.experiments.status import status
 
 NEW_VAL = {"attribute": 0.30, "counting": 0.20, "overall": 0.25}
 
@@ -52,6 +53,7 @@ def test_rescore_changes_the_val_split_only_and_resumes_after_a_crash(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         rescore(out, Rescorer(crash_after=1))
     assert json.loads((out / "setup.json").read_text())["rescoring"]["val_split"] == "val_large"
+    assert "A rescore to {'val_split': 'val_large'} is unfinished" in status(out)
     with pytest.raises(ValueError, match="another setup"):  # a runner started meanwhile is refused
         _run(out, FakeBackend(), seeds=(0,))
     second = Rescorer()
@@ -66,7 +68,7 @@ def test_rescore_changes_the_val_split_only_and_resumes_after_a_crash(tmp_path):
     teacher = json.loads((out / "teacher.json").read_text())
     assert teacher["val"]["overall"] == pytest.approx(25.0) and teacher["test"]["overall"] == pytest.approx(65.0)
     assert json.loads((out / "setup.json").read_text()) == {"teacher": "fake-teacher", "val_split": "val_large"}
-    assert rescore(out, Rescorer()) == []  # nothing left
+    assert rescore(out, Rescorer()) == [] and "unfinished" not in status(out)  # nothing left
     with pytest.raises(ValueError, match="another setup"):  # runs on the old val split are refused now
         _run(out, FakeBackend(), seeds=(0,))
     assert _run(out, Rescorer(), seeds=(0,)) == []

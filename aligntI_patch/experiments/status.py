@@ -118,6 +118,11 @@ def status(out: str | Path) -> str:
     text = (f"# {out}\n\n" + markdown_table(header, lines) + "\n\nTraining per epoch of the full data, measured "
             f"here: {rate_text}; scoring {scoring_s:.0f} s per cell. A recipe's flags not measured yet take the "
             "recipe's mean rate, a recipe not measured yet the mean of all.\n")
+    record = json.loads((out / "setup.json").read_text()) if (out / "setup.json").is_file() else {}
+    if record.get("rescoring"):
+        splits = {k: v for k, v in record["rescoring"].items() if k.endswith("_split")}
+        text += (f"\nA rescore to {splits} is unfinished: `run` is refused until `rescore` with the same split "
+                 "flags runs to its end.\n")
     if started:
         text += ("\nStarted cells (a log written minutes ago: running; hours ago: interrupted, rerun the grid to "
                  "resume it):\n\n" + markdown_table(["cell", "epoch reached", "resumes from", "log written"],
