@@ -364,6 +364,20 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ report
+def test_report_says_when_the_budget_rests_on_fewer_seeds(tmp_path):
+    """Budget means over fewer seeds than the others carry their n, and the choice is called interim."""
+    out, g = tmp_path / "out", build_grid("budget", 4)
+    cells = expand(g, [0, 1], 1) + [c for c in expand(g, [2], 1) if c.epochs == 1]
+    run_grid(g, cells, out, FakeBackend())
+    text = write_report(out)
+    sft = next(line for line in text.splitlines() if line.startswith("| sft | 45.0 |"))
+    assert sft.count("45.0 (n=2)") == 5  # val = test - 1: seeds 0, 1 give 43 and 47; seed 2 adds 45 at ep1 only
+    assert "**Interim**: some means rest on fewer seeds than the 3 of the others" in text
+    run_grid(g, expand(g, [2], 1), out, FakeBackend())
+    final = write_report(out)
+    assert "(n=2)" not in final and "**Interim**" not in final and "| sft | 45.0 | 45.0 |" in final
+
+
 def test_report_tables_gap_and_claims(tmp_path):
     out = tmp_path / "out"
     _run(out, FakeBackend())

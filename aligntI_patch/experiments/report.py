@@ -256,7 +256,14 @@ def budget_section(groups: list[Group]) -> str:
     if not any(curves.values()):
         return ""
     epochs = sorted({e for c in curves.values() for e in c})
-    lines = [[recipe, *(f"{c[e]:.1f}" if e in c else "-" for e in epochs)] for recipe, c in curves.items()]
+    seeds = {(g.recipe, g.setting[0]): len(g.values.get("overall", {})) for g in groups}
+    most = max(seeds.values(), default=0)
+
+    def mean(recipe: str, e: float) -> str:  # a mean over fewer seeds than the others says so
+        n = seeds[recipe, e]
+        return f"{curves[recipe][e]:.1f}" + (f" (n={n})" if n < most else "")
+
+    lines = [[recipe, *(mean(recipe, e) if e in c else "-" for e in epochs)] for recipe, c in curves.items()]
     text = "Mean val overall per budget (over the finished seeds):\n\n" + markdown_table(
         ["recipe", *(f"ep{e:g}" for e in epochs)], lines)
     choice = choose_budget(curves)
@@ -267,6 +274,9 @@ def budget_section(groups: list[Group]) -> str:
         text += (f"\n\nChosen budget: **{chosen:g} epochs**, the fewest whose mean over the recipes is within "
                  f"{BUDGET_TOLERANCE:g} point of the highest ({highest:g} epochs), among the budgets every recipe "
                  "finished (val split only; the test split never chooses).")
+        if any(n < most for n in seeds.values()):
+            text += (f" **Interim**: some means rest on fewer seeds than the {most} of the others (n=...), so "
+                     "the choice may change as their cells finish.")
     others = [r for r, c in curves.items() if r != "sft" and c]
     if curves.get("sft") and others:
         text += "\n\nWhere the gain over SFT comes from (val):\n" + "".join(
