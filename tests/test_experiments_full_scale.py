@@ -85,6 +85,24 @@ def test_lmms_results_are_read_as_percentages(tmp_path):
     assert per_question == {"tiny_world:describe/1": 0.125, "tiny_world:describe/2": 0.125}
 
 
+def test_lmms_scoring_runs_the_splits_asked_for(tmp_path, monkeypatch):
+    """One lmms-eval run per split asked for, with that split's tasks; a split without tasks is left out."""
+    import aligntI_patch.experiments.cell as cell_module
+
+    calls = []
+
+    def fake(checkpoint, tasks, output_path, num_gpus, batch_size, include_path, extra):
+        calls.append((output_path.name, tasks))
+        return {"overall": {"accuracy": 0.5, "n": 2}}, {}
+
+    monkeypatch.setattr(cell_module, "score_with_lmms_eval", fake)
+    backend = DistillBackend(_script_setup(tmp_path, val_tasks=("gqa_val",)))
+    assert set(backend.evaluate(tmp_path / "ckpt", tmp_path, splits=("val",))) == {"val"}
+    assert set(backend.evaluate_teacher()) == {"test", "val"}
+    assert calls == [("lmms_val", ("gqa_val",)), ("lmms_test", ("gqa",)), ("lmms_val", ("gqa_val",))]
+    assert set(DistillBackend(_script_setup(tmp_path)).evaluate(tmp_path / "ckpt", tmp_path)) == {"test"}
+
+
 # ------------------------------------------------------------------------------------------ script launcher
 STUB = f"""#!{sys.executable}
 import json, os, sys

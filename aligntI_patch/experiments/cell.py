@@ -245,7 +245,7 @@ class DistillBackend:
         in lmms_{split}/) and each question's score in scores_{split}.json ({question_id: score}, for the
         report's paired bootstrap)."""
         if self.setup.tasks:
-            return self._evaluate_lmms(checkpoint, answers_dir)
+            return self._evaluate_lmms(checkpoint, answers_dir, splits)
         import torch
 
         from llava.eval.eval_tiny import evaluate_tiny
@@ -264,12 +264,14 @@ class DistillBackend:
             torch.cuda.empty_cache()
         return scores
 
-    def _evaluate_lmms(self, checkpoint: Path, answers_dir: Path | None) -> dict[str, dict]:
+    def _evaluate_lmms(self, checkpoint: Path, answers_dir: Path | None, splits: tuple[str, ...]) -> dict[str, dict]:
         """`evaluate` with lmms-eval (the teacher's output goes to a temporary folder)."""
+        tasks_of = {"test": self.setup.tasks, "val": self.setup.val_tasks}
         with tempfile.TemporaryDirectory(prefix="lmms-teacher-") as tmp:
             folder = Path(tmp) if answers_dir is None else answers_dir
             scores = {}
-            for split, tasks in (("test", self.setup.tasks), ("val", self.setup.val_tasks)):
+            for split in splits:
+                tasks = tasks_of[split]
                 if not tasks:
                     continue
                 scores[split], per_question = score_with_lmms_eval(
