@@ -202,15 +202,52 @@ def test_tiny_preset_runs_every_stage_with_extra_args_for_the_called_one_only(st
     assert flag(aligntI, "--output_dir") == f"{tmp_path}/kd" and aligntI[1] == "aligntI_patch.distill"
     # the vanilla-KD baseline of the table: --recipe kd, none of the called run's own flags
     assert flag(kd, "--output_dir") == f"{tmp_path}/tiny/student/qwen2-kd" and kd[-2:] == ["--recipe", "kd"]
-    for argv in entries:  # the other variables reach every stage, as before
-        assert flag(argv, "--num_train_epochs") == "2" and flag(argv, "--report_to") == "tensorboard"
-        assert flag(argv, "--gradient_checkpointing") == "True"
+    for argv in entries:  # the other variables reach every stage, as before; EPOCHS is the students' budget
+        assert flag(argv, "--num_train_epochs") == ("1" if argv is pretrain else "2")
+        assert flag(argv, "--report_to") == "tensorboard" and flag(argv, "--gradient_checkpointing") == "True"
     assert aligntI[-4:] == ["--recipe", "kd", "--max_steps", "3"]
     assert "--max_steps" not in pretrain + sft + kd and "--recipe" not in pretrain + sft
     report = calls[-1]["argv"]
     assert report[:2] == ["-m", "aligntI_patch.report"]
     assert [report[i + 1].split("=")[0] for i, a in enumerate(report) if a == "--model"] == [
         "teacher", "sft-student", "kd-student", "align-ti-student"]
+
+
+def _finished(out: Path, epochs: int, weights: str = "model.safetensors") -> None:
+    """A finished stage as the trainer leaves it: weights and trainer_state.json (its epochs)."""
+    out.mkdir(parents=True)
+    (out / weights).write_text("")
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 10, "num_train_epochs": epochs}, indent=2))
+
+
+@pytest.mark.parametrize("script, weights", [("pretrain.sh", "mm_projector.safetensors"),
+                                             ("finetune.sh", "model.safetensors.index.json"),
+                                             ("distill_aligntI.sh", "model.safetensors")])  # fmt: skip
+def test_a_finished_stage_of_other_epochs_is_an_error(stub, tmp_path, script, weights):
+    _finished(tmp_path / "out", 1, weights)
+    for epochs, extra in (("1", ""), ("", ""), ("0.5", ""), ("8", "--max_steps 40"), ("8", "--num_train_epochs=2")):
+        proc, calls = run(SCRIPTS / script, tmp_path, stub, **REAL_SCALE, OUTPUT_DIR="out", EPOCHS=epochs,
+                          EXTRA_ARGS=extra)
+        assert proc.returncode == 0 and "is complete" in proc.stdout and not calls, (epochs, proc.stderr)
+    proc, calls = run(SCRIPTS / script, tmp_path, stub, **REAL_SCALE, OUTPUT_DIR="out", EPOCHS="8")
+    assert proc.returncode == 2 and not calls
+    assert (f"error: {tmp_path}/out holds a finished stage trained for 1 epoch(s), but EPOCHS=8: delete it to "
+            "train again, or set EPOCHS=1 to reuse it") in proc.stderr
+
+
+def test_tiny_preset_refuses_a_cached_student_of_another_budget(stub, tmp_path):
+    """EPOCHS=8 on a cache of 1-epoch students stops before training anything (the table would mix budgets);
+    the preset's 1-epoch pretrain stage is reused whatever EPOCHS says."""
+    _finished(tmp_path / "tiny/student/qwen2-pretrain", 1)
+    _finished(tmp_path / "tiny/student/qwen2-sft", 1)
+    proc, calls = run(SCRIPTS / "distill_aligntI.sh", tmp_path, stub, TINY_ROOT="tiny", EPOCHS="8")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{tmp_path}/tiny/student/qwen2-sft holds a finished stage trained for 1 epoch(s)" in proc.stderr
+    assert not [c for c in calls if c["argv"][1] in ("llava.train.train", "aligntI_patch.distill")]
+    proc, calls = run(SCRIPTS / "distill_aligntI.sh", tmp_path, stub, TINY_ROOT="tiny", EPOCHS="1")
+    assert proc.returncode == 0, proc.stderr
+    trained = [flag(c["argv"], "--output_dir") for c in calls if c["argv"][1] == "aligntI_patch.distill"]
+    assert trained == [f"{tmp_path}/tiny/student/qwen2-aligntI", f"{tmp_path}/tiny/student/qwen2-kd"]
 
 
 @pytest.mark.parametrize("script, default", [("pretrain.sh", True), ("finetune.sh", True),

@@ -189,7 +189,8 @@ def missing_parts(setup: Setup) -> list[str]:
 def build_command(root: str | Path, backbone: str, setup: Setup) -> tuple[list[str], dict[str, str]]:
     """`bash scripts/v1_5/pretrain.sh` and its environment: builds the preset's world, teacher and pretrain."""
     env = {**os.environ, "TINY_ROOT": str(Path(root).resolve()), "TINY_BACKBONE": backbone,
-           "PYTHON": sys.executable, "NUM_GPUS": str(setup.num_gpus), "DS_CONFIG": str(setup.ds_config)}
+           "PYTHON": sys.executable, "NUM_GPUS": str(setup.num_gpus), "DS_CONFIG": str(setup.ds_config),
+           "EPOCHS": "1"}  # the preset's pretrain stage (as finetune.sh builds it), whatever the caller's EPOCHS
     return ["bash", str(REPO / "scripts" / "v1_5" / "pretrain.sh")], env
 
 

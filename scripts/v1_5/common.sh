@@ -134,6 +134,27 @@ grad_ckpt() {
     if [ "${GRAD_CKPT:-$1}" = 1 ]; then STAGE_ARGS+=(--gradient_checkpointing True); fi
 }
 
+# stage_done OUT FILE...: true when OUT holds one of FILE, a finished stage that the script reuses. A finished
+# stage trained for another number of epochs (its trainer_state.json) than EPOCHS asks is an error: reusing it
+# would, e.g., put a 1-epoch SFT student beside 8-epoch distilled ones in the tiny preset's table. Not checked
+# when EXTRA sets --max_steps or --num_train_epochs (then EPOCHS is not what decided the length).
+stage_done() {
+    local out="$1" file found="" have want arg
+    shift
+    for file in "$@"; do if [ -f "$out/$file" ]; then found=1; fi; done
+    [ -n "$found" ] || return 1
+    for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
+        case "$arg" in --max_steps|--max_steps=*|--num_train_epochs|--num_train_epochs=*) return 0 ;; esac
+    done
+    want="${EPOCHS:-1}"
+    have="$(sed -n 's/^ *"num_train_epochs": *\([0-9.]*\).*/\1/p' "$out/trainer_state.json" 2>/dev/null | head -n 1)"
+    # the trainer records whole epochs (ceil of a fractional EPOCHS)
+    if [ -n "$have" ] && awk -v h="$have" -v w="$want" 'BEGIN { c = int(w); if (w > c) c++; exit !(h != c) }'; then
+        fail "$out holds a finished stage trained for $have epoch(s), but EPOCHS=$want: delete it to train" \
+             "again, or set EPOCHS=$have to reuse it"
+    fi
+}
+
 # Tiny-preset paths (TINY_WORLD, TINY_TEACHER, TINY_SIGLIP, ...) for $TINY_BACKBONE.
 tiny_paths() {
     eval "$("$PYTHON" -m llava.tiny.preset paths --root "$TINY_ROOT" --backbone "$TINY_BACKBONE")"

@@ -11,6 +11,8 @@
 #   VERSION        qwen_2 | qwen_3;   OUTPUT_DIR  default ./checkpoints/llava-qwen-aligntI (in the repository)
 #   NUM_GPUS DS_CONFIG BATCH GRAD_ACC LR EPOCHS MAX_LEN   as in finetune.sh (paper: lr 2e-5, global batch 128);
 #                  DS_CONFIG=./scripts/zero3.json also partitions the teacher (docs/training.md, "ZeRO-3")
+#   EPOCHS         the tiny preset: the students' epochs (SFT, Align-TI, vanilla KD; its pretrain stays 1). A
+#                  finished student (of any stage, any scale) trained for other epochs is an error, not reused
 #   GRAD_CKPT      1 = gradient checkpointing of the student (default 1 with MODEL set, 0 for the tiny preset):
 #                  less activation memory, one more no-grad student pass per step (TPA's exact fallback: same
 #                  loss and gradients); 0 is faster where the batch fits (docs/scaling.md)
@@ -58,7 +60,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-aligntI}"
 # distill OUT FLAGS...: train one student into OUT (unless OUT already holds a complete one), FLAGS last.
 distill() {
     local out="$1"; shift
-    if [ -f "$out/model.safetensors" ] || [ -f "$out/model.safetensors.index.json" ]; then
+    if stage_done "$out" model.safetensors model.safetensors.index.json; then
         echo "[distill] $out is complete; delete it to train again"
         return
     fi

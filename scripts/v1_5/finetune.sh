@@ -26,7 +26,8 @@ extra_args
 if [ -z "${MODEL:-}" ]; then
     tiny_paths
     PRETRAIN_DIR="$TINY_ROOT/student/$TINY_BACKBONE-pretrain"
-    EXTRA_ARGS="" OUTPUT_DIR="$PRETRAIN_DIR" bash "$(dirname "$0")/pretrain.sh"
+    # the preset's pretrain stage is fixed like its teacher (1 epoch): EPOCHS is the students' budget
+    EPOCHS=1 EXTRA_ARGS="" OUTPUT_DIR="$PRETRAIN_DIR" bash "$(dirname "$0")/pretrain.sh"
     # The tiny student's pretrain stage saved a full checkpoint (LLM trained too): start from it.
     MODEL="$PRETRAIN_DIR"; VISION_TOWER="$TINY_SIGLIP"
     DATA_PATH="$TINY_WORLD/finetune.json"; IMAGE_FOLDER="$TINY_IMAGES"
@@ -42,7 +43,7 @@ else
     grad_ckpt 1
 fi
 OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-sft}"
-if [ -f "$OUTPUT_DIR/model.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors.index.json" ]; then
+if stage_done "$OUTPUT_DIR" model.safetensors model.safetensors.index.json; then
     echo "[finetune] $OUTPUT_DIR is complete; delete it to train again"; exit 0
 fi
 

@@ -40,7 +40,7 @@ else
     grad_ckpt 1
 fi
 OUTPUT_DIR="${OUTPUT_DIR:-./checkpoints/llava-qwen-pretrain}"
-if [ -f "$OUTPUT_DIR/mm_projector.safetensors" ] || [ -f "$OUTPUT_DIR/model.safetensors" ]; then
+if stage_done "$OUTPUT_DIR" mm_projector.safetensors model.safetensors; then
     echo "[pretrain] $OUTPUT_DIR is complete; delete it to train again"; exit 0
 fi
 
