@@ -354,6 +354,7 @@ def test_dry_run_prints_commands_and_writes_nothing(tmp_path, capsys):
     main(["run", "--grid", "divergences", "--out", str(out), "--root", str(tmp_path / "tiny"), "--dry-run"])
     text = capsys.readouterr().out
     assert f"TINY_ROOT={tmp_path / 'tiny'} TINY_BACKBONE=qwen2" in text and "scripts/v1_5/pretrain.sh" in text
+    assert "EPOCHS=1 bash" in text  # the preset's pretrain stage, whatever the caller's EPOCHS
     assert f"--vision_tower {tmp_path / 'tiny' / 'siglip'}" in text and not out.exists()
     with pytest.raises(FileNotFoundError) as missing:
         main(["run", "--grid", "divergences", "--out", str(out), "--teacher", str(tmp_path / "t"),

@@ -191,7 +191,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         if missing_parts(setup) and uses_preset:
             cmd, env = build_command(args.root, args.backbone, setup)
             sys.stdout.write(f"# build the preset's cache\nTINY_ROOT={env['TINY_ROOT']} TINY_BACKBONE="
-                             f"{args.backbone} NUM_GPUS={env['NUM_GPUS']} {shlex.join(cmd)}\n")
+                             f"{args.backbone} NUM_GPUS={env['NUM_GPUS']} EPOCHS={env['EPOCHS']} {shlex.join(cmd)}\n")
         dry_run(grid, cells, Path(args.out), backend, sys.stdout.write)
         return
     ensure_cache(setup, args.root, args.backbone, uses_preset)
